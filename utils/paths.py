@@ -25,3 +25,21 @@ def cache_dir() -> Path:
     path = Path(os.environ.get(CACHE_ENV_VAR) or REPO_ROOT / ".cache")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# Artifacts that one notebook writes and a later one reads, relative to outputs_dir().
+LORALIB_CHECKPOINT = "adapters/loralib/lora.safetensors"  # 02: loralib's lora_state_dict
+LORALIB_AS_PEFT = "adapters/loralib-as-peft"  # 02: the same weights as a PEFT adapter folder
+LORA_ADAPTER = "adapters/lora"  # 03: PEFT LoRA adapter (final)
+QLORA_ADAPTER = "adapters/qlora"  # 04: PEFT QLoRA adapter (final)
+CHECKPOINTS = "checkpoints"  # 03/04: Trainer checkpoints, one sub-folder per run
+EVALUATION_RESULTS = "metrics/evaluation.json"  # 05: losses, perplexities, task metrics
+MERGED_MODEL = "merged/lora"  # 06: base + LoRA merged into full-precision weights
+EXECUTED_NOTEBOOKS = "notebooks"  # make demo: the executed notebooks
+
+
+def artifact(relative: str) -> Path:
+    """Absolute path of an artifact under :func:`outputs_dir`; its parent folder is created."""
+    path = outputs_dir() / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
