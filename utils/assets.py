@@ -70,9 +70,14 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield staging
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        if target.exists():  # an incomplete or outdated copy: replace it
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not target.exists():
+                raise
+            logger.info("%s was built concurrently by another process; keeping that copy.", target)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
