@@ -61,6 +61,15 @@ TINY_PHI3_CONFIG: dict[str, Any] = dict(
     bos_token_id=1, eos_token_id=32000, pad_token_id=32000,
 )
 TINY_SEED = 0
+# microsoft/Phi-3-mini-4k-instruct's published config.json (3.8B parameters), for planning and
+# benchmarks on machines without the Hub. Loading the real model reads its own config instead.
+PHI3_MINI_CONFIG: dict[str, Any] = dict(
+    vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+    original_max_position_embeddings=4096, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    rms_norm_eps=1e-5, sliding_window=2047, tie_word_embeddings=False, hidden_act="silu",
+    bos_token_id=1, eos_token_id=32000, pad_token_id=32000,
+)
 _TINY_DIR = "tiny-phi3-v1"
 _SMOL_DIR = "smol-phi3-v1"
 _PHI3_TOKENIZER_DIR = "phi3-tokenizer-v1"
@@ -175,6 +184,18 @@ def _use_training_template(tokenizer: PreTrainedTokenizerBase) -> PreTrainedToke
     return tokenizer
 
 
+def phi3_mini_config() -> Phi3Config:
+    """The published Phi-3-mini-4k-instruct architecture (no weights)."""
+    return Phi3Config(**PHI3_MINI_CONFIG)
+
+
+def tiny_phi3_model() -> Phi3ForCausalLM:
+    """The tiny random Phi-3, initialised from a fixed seed without touching the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        return Phi3ForCausalLM(Phi3Config(**TINY_PHI3_CONFIG))
+
+
 def build_phi3_tokenizer() -> Path:
     """The real Phi-3-mini tokenizer (from llama.cpp's vocab GGUF) with Phi-3-mini's chat template, cached."""
     target = cache_dir() / _PHI3_TOKENIZER_DIR
@@ -197,9 +218,7 @@ def build_tiny_phi3() -> Path:
     if (target / "model.safetensors").exists():
         return target
     tokenizer = AutoTokenizer.from_pretrained(build_phi3_tokenizer())
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
-        model = Phi3ForCausalLM(Phi3Config(**TINY_PHI3_CONFIG))
+    model = tiny_phi3_model()
     model.generation_config.eos_token_id = [PHI3_SPECIAL_TOKENS["<|endoftext|>"], PHI3_SPECIAL_TOKENS["<|end|>"]]
     model.generation_config.pad_token_id = PHI3_SPECIAL_TOKENS["<|endoftext|>"]
     with atomic_directory(target) as staging:
