@@ -481,12 +481,25 @@ def token_table(messages: list[dict[str, str]], tokenizer: Any) -> Any:
     }).rename_axis("position")
 
 
+def token_texts(ids: list[int], tokenizer: Any) -> list[str]:
+    """The text each token adds to the decoded string (spaces included; "" while a UTF-8 character is incomplete)."""
+    pieces, done = [], ""
+    for end in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:end])  # decoding one token alone loses sentencepiece's leading spaces
+        if text.endswith("\ufffd"):
+            pieces.append("")
+            continue
+        pieces.append(text[len(done):])
+        done = text
+    return pieces
+
+
 def mark_assistant_tokens(messages: list[dict[str, str]], tokenizer: Any, *, html: bool = False) -> str:
     """The rendered conversation with the loss-bearing tokens marked: ``[[...]]`` in text, green in HTML."""
     import html as html_lib
 
     encoded = tokenize_conversation(messages, tokenizer)
-    pieces = [tokenizer.decode([token]) for token in encoded["input_ids"]]
+    pieces = token_texts(encoded["input_ids"], tokenizer)
     in_loss = [label != IGNORE_INDEX for label in encoded["labels"]]
     out, inside = [], False
     for piece, keep in zip(pieces + [""], in_loss + [False]):
