@@ -60,8 +60,9 @@ TRAINING_PROFILES: dict[str, tuple[Any, Any, str]] = {
     "use_cpu": (True, False, "run on the CPU even if a GPU is visible"),
     "bf16": (False, BY_GPU, "bfloat16 autocast: GPUs from Ampere on; 10-400x slower on most CPUs"),
     "fp16": (False, BY_GPU, "float16 autocast with loss scaling: older GPUs (T4, V100)"),
-    "gradient_checkpointing": (False, True, "recompute activations in backward: ~1/3 more time, far less memory"),
-    "gradient_checkpointing_kwargs": (None, {"use_reentrant": False}, "non-reentrant works with frozen inputs"),
+    "activation_checkpointing": (False, True, "(was gradient_checkpointing) recompute activations in backward: "
+                                               "~1/3 more time, far less memory"),
+    "activation_checkpointing_kwargs": (None, {"use_reentrant": False}, "non-reentrant works with frozen inputs"),
     # Logging, evaluation, checkpoints
     "logging_strategy": ("steps", "steps", "when to log the training loss"),
     "logging_steps": (5, 10, "log every N optimiser steps"),
@@ -142,11 +143,23 @@ def training_config(
         bf16 = _gpu_has_bf16(hardware)
         config["bf16"], config["fp16"] = bf16, not bf16
     unknown = sorted(set(overrides) - set(config) - {"output_dir"})
+    if unknown:  # any other SFTConfig argument is welcome; a typo is not
+        unknown = sorted(set(unknown) - sft_config_keys())
     if unknown:
-        raise ValueError(f"Unknown training_config keys {unknown}; the known keys are {sorted(config)}.")
+        raise ValueError(f"Unknown training_config keys {unknown}: neither in the profile table ({sorted(config)}) "
+                         "nor an SFTConfig argument.")
     config["output_dir"] = str(checkpoints_dir(run_name or method))
     config.update(overrides)
     return config
+
+
+def sft_config_keys() -> set[str]:
+    """Every argument ``trl.SFTConfig`` accepts."""
+    import dataclasses
+
+    from trl import SFTConfig
+
+    return {item.name for item in dataclasses.fields(SFTConfig) if item.init}
 
 
 def peft_config(method: str = "lora", **overrides: Any) -> dict[str, Any]:
@@ -440,11 +453,12 @@ def train(
     _reset_peak_memory()
     if checkpoint is not None:
         logger.info("Resuming from %s", checkpoint)
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     adapter_dir = Path(adapter_dir)
     trainer.save_model(str(adapter_dir))  # writes on the main process only (and gathers FSDP/ZeRO-3 shards)
     history = list(trainer.state.log_history)
-    metrics = _run_metrics(history, clock, output.metrics, trainer.state.global_step)
+    metrics = _run_metrics(history, clock, trainer.state.global_step)
+    metrics["resumed_from_step"] = int(checkpoint.name.split("-")[-1]) if checkpoint else None
     if trainer.is_world_process_zero():
         (adapter_dir / "training_metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
     return TrainingResult(adapter_dir, run_dir, history, metrics, checkpoint, trainer)
@@ -458,8 +472,7 @@ def _reset_peak_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def _run_metrics(history: list[dict[str, Any]], clock: dict[str, float], output: dict[str, Any],
-                 steps: int) -> dict[str, Any]:
+def _run_metrics(history: list[dict[str, Any]], clock: dict[str, float], steps: int) -> dict[str, Any]:
     """Time, tokens/s, peak memory and the losses before and after, from one run."""
     import torch
 
@@ -476,7 +489,6 @@ def _run_metrics(history: list[dict[str, Any]], clock: dict[str, float], output:
         "peak_memory_kind": "CUDA max allocated" if torch.cuda.is_available() else "peak RSS of the process",
         "train_loss_first": train_losses[0] if train_losses else None,
         "train_loss_last": train_losses[-1] if train_losses else None,
-        "train_loss_mean": output.get("train_loss"),
         "eval_loss_before": evals[0] if evals else None,
         "eval_loss_after": evals[-1] if evals else None,
     }

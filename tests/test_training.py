@@ -1,0 +1,131 @@
+"""utils.training: the profiles, the dicts -> library objects, target checks, checkpoint completeness."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from utils import training
+from utils.memory import PHI3_LORA_TARGETS
+
+
+def test_cpu_and_gpu_profiles_differ_where_the_hardware_does():
+    cpu, gpu = training.training_config("cpu"), training.training_config("gpu")
+    assert set(cpu) == set(gpu)
+    assert (cpu["use_cpu"], cpu["bf16"], cpu["fp16"], cpu["activation_checkpointing"]) == (True, False, False, False)
+    assert (gpu["use_cpu"], gpu["bf16"], gpu["fp16"], gpu["activation_checkpointing"]) == (False, True, False, True)
+    assert training.training_config("gpu", "qlora")["optim"] == "paged_adamw_8bit"
+    assert training.training_config("cpu", "qlora")["optim"] == "adamw_torch"
+
+
+def test_gpu_without_bf16_gets_fp16():
+    from utils.models import Hardware
+
+    t4 = Hardware(cuda=True, gpu_name="Tesla T4", bf16=False)
+    config = training.training_config("gpu", hardware=t4)
+    assert (config["bf16"], config["fp16"]) == (False, True)
+
+
+def test_every_table_key_is_explained_and_accepted_by_sftconfig():
+    keys = training.sft_config_keys()
+    for key, (_, _, help_text) in training.TRAINING_PROFILES.items():
+        assert key in keys, key
+        assert len(help_text) > 10, key
+    table = training.profile_table("qlora")
+    assert list(table.columns) == ["CPU (this demo)", "GPU (Phi-3-mini)", "what it does"]
+    assert table.loc["optim", "GPU (Phi-3-mini)"] == "'paged_adamw_8bit'"
+
+
+def test_cpu_profile_builds_an_sftconfig_that_runs_without_a_gpu(tmp_path):
+    args = training.build_sft_config(training.training_config("cpu", output_dir=str(tmp_path)))
+    assert args.use_cpu and not args.bf16 and args.assistant_only_loss and args.max_length == 512
+
+
+def test_overrides_accept_sftconfig_arguments_and_refuse_typos():
+    assert training.training_config("cpu", padding_free=True)["padding_free"] is True
+    with pytest.raises(ValueError, match="learning_rte"):
+        training.training_config("cpu", learning_rte=1e-3)
+    with pytest.raises(ValueError, match="profile"):
+        training.training_config("tpu")
+    with pytest.raises(ValueError, match="alpah"):
+        training.peft_config(alpah=8)
+
+
+def test_peft_config_targets_phi3_projections_and_builds_a_lora_config():
+    config = training.peft_config(r=8)
+    assert config["target_modules"] == list(PHI3_LORA_TARGETS) == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    lora = training.build_lora_config(config)
+    assert lora.r == 8 and lora.lora_alpha == 32 and set(lora.target_modules) == set(PHI3_LORA_TARGETS)
+
+
+def test_config_diff_lists_only_changed_keys():
+    diff = training.config_diff(training.training_config("gpu", "lora"), training.training_config("gpu", "qlora"),
+                                ("LoRA", "QLoRA"))
+    assert list(diff.index) == ["optim", "output_dir"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from utils.models import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer("tiny", verbose=False)
+    return model
+
+
+def test_a_target_that_matches_nothing_fails_loudly(tiny_model):
+    assert training.check_target_modules(tiny_model, list(PHI3_LORA_TARGETS)) == {name: 2 for name in PHI3_LORA_TARGETS}
+    with pytest.raises(ValueError, match=r"\['q_proj'\] match nothing.*qkv_proj"):
+        training.check_target_modules(tiny_model, ["q_proj", "o_proj"])
+
+
+def test_add_lora_adapter_counts_trainable_parameters(tiny_model, capsys):
+    import copy
+
+    model = training.add_lora_adapter(copy.deepcopy(tiny_model), training.peft_config(r=4), seed=0)
+    trainable, _ = model.get_nb_trainable_parameters()
+    # r x (in + out) per projection per layer, tiny: hidden 64, intermediate 256, 2 layers
+    expected = 4 * ((64 + 192) + (64 + 64) + (64 + 512) + (256 + 64)) * 2
+    assert trainable == expected
+    assert f"trainable {expected:,} of" in capsys.readouterr().out
+
+
+def _write_checkpoint(folder: Path, complete: bool) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "adapter_model.safetensors").write_bytes(b"x" * 100)
+    (folder / "trainer_state.json").write_text("{}")
+    if complete:
+        training.mark_checkpoint_complete(folder, int(folder.name.split("-")[1]))
+    return folder
+
+
+def test_newest_complete_checkpoint_skips_a_partly_written_one_with_a_warning(tmp_path, caplog):
+    _write_checkpoint(tmp_path / "checkpoint-2", complete=True)
+    good = _write_checkpoint(tmp_path / "checkpoint-10", complete=True)
+    _write_checkpoint(tmp_path / "checkpoint-12", complete=False)  # the crash came mid-save
+    (tmp_path / "checkpoint-14").mkdir()  # the crash came right after mkdir
+    with caplog.at_level(logging.WARNING, logger="utils.training"):
+        assert training.newest_complete_checkpoint(tmp_path) == good  # 10 beats 2 numerically
+    skipped = [record.getMessage() for record in caplog.records if "Skipping" in record.getMessage()]
+    assert len(skipped) == 2 and "checkpoint-14" in skipped[0] and "checkpoint-12" in skipped[1]
+
+
+def test_a_marker_whose_files_changed_is_not_complete(tmp_path):
+    checkpoint = _write_checkpoint(tmp_path / "checkpoint-4", complete=True)
+    assert training.checkpoint_is_complete(checkpoint)
+    assert json.loads((checkpoint / training.COMPLETE_MARKER).read_text())["step"] == 4
+    (checkpoint / "adapter_model.safetensors").write_bytes(b"x" * 50)  # truncated by a later crash
+    assert not training.checkpoint_is_complete(checkpoint)
+    assert training.newest_complete_checkpoint(tmp_path) is None
+    assert training.newest_complete_checkpoint(tmp_path / "missing") is None
+
+
+def test_bad_rows_are_reported_by_index():
+    with pytest.raises(ValueError, match=r"train\[1\] has no assistant message"):
+        training.conversations_dataset([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant",
+                                                                                         "content": "yo"}]},
+                                        {"messages": [{"role": "user", "content": "hi"}]}], "train")
+    with pytest.raises(ValueError, match=r"train\[0\] has no non-empty 'messages'"):
+        training.conversations_dataset([{"text": "hi"}], "train")
