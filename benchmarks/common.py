@@ -1,0 +1,163 @@
+"""What the CPU and GPU benchmarks share: configurations, measurement, FLOPs, the table."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One training configuration: how the data is batched, what carries loss, which levers are on."""
+
+    name: str
+    what: str  # one line for the table's legend
+    text_field: bool = False  # train on the rendered text (loss on every token) instead of messages
+    assistant_only_loss: bool = False  # loss only on the assistant's tokens (needs messages)
+    packing: bool = False  # trl BFD packing into rows of `pack_length` tokens (implies padding-free)
+    padding_free: bool = False  # one row per batch, no padding (without packing)
+    group_by_length: bool = False  # batches of similar lengths (padded batches)
+    gradient_checkpointing: bool = True  # trl's default, and the Cookbook's
+    varlen_sdpa: bool = False  # utils.speed: SDPA per conversation in padding-free rows
+    compact_head: bool = False  # utils.speed: the LM head scores only labelled positions (CPU)
+    pad_max_length: int = 512  # truncation length of padded batches (the Cookbook QLoRA notebook: 512)
+    liger: bool = False  # Liger kernels (GPU only)
+
+    def sft_kwargs(self) -> dict[str, Any]:
+        """The SFTConfig keys this configuration sets (besides the shared ones)."""
+        kwargs: dict[str, Any] = dict(
+            assistant_only_loss=self.assistant_only_loss,
+            packing=self.packing,
+            padding_free=self.padding_free,
+            gradient_checkpointing=self.gradient_checkpointing,
+            train_sampling_strategy="group_by_length" if self.group_by_length else "random",
+        )
+        if self.packing:
+            kwargs["packing_strategy"] = "bfd"
+        if self.text_field:
+            kwargs["dataset_text_field"] = "text"
+        if self.gradient_checkpointing:
+            kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+        if self.liger:
+            kwargs["use_liger_kernel"] = True
+        return kwargs
+
+
+@dataclass
+class Counts:
+    """Token counts of the batches a run pushed through forward and backward."""
+
+    positions: int = 0  # every position, padding included
+    real: int = 0  # conversation tokens (not padding)
+    labelled: int = 0  # positions whose next-token label carries loss
+    attention_pairs: int = 0  # sum over conversations of L*(L+1)/2: causal query-key pairs
+    batches: int = 0
+    lengths: list[int] = field(default_factory=list)
+
+
+def sequence_lengths(batch: dict[str, torch.Tensor]) -> list[int]:
+    """Lengths of the conversations in a collated batch (padded rows, or one padding-free row)."""
+    if "cu_seq_lens_q" in batch:
+        cu = batch["cu_seq_lens_q"].tolist()
+        return [b - a for a, b in zip(cu, cu[1:]) if b > a]
+    if "attention_mask" in batch:
+        return [int(x) for x in batch["attention_mask"].sum(-1).tolist()]
+    return [batch["input_ids"].shape[1]] * batch["input_ids"].shape[0]
+
+
+class CountingCollator:
+    """Wraps a data collator and counts the tokens of every batch it builds."""
+
+    def __init__(self, collator: Any) -> None:
+        self.collator = collator
+        self.counts = Counts()
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.collator(examples)
+        lengths = sequence_lengths(batch)
+        c = self.counts
+        c.batches += 1
+        c.positions += batch["input_ids"].numel()
+        c.real += sum(lengths)
+        c.labelled += int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
+        c.attention_pairs += sum(n * (n + 1) // 2 for n in lengths)
+        c.lengths.extend(lengths)
+        return batch
+
+
+def model_flops(config: Any, counts: Counts) -> float:
+    """Model FLOPs of one LoRA pass over ``counts`` (forward + backward, frozen base weights).
+
+    Frozen projections cost 2 FLOPs per weight and token forward and 2 more backward (the input
+    gradient only: no weight gradient). The LM head counts only where a label is scored. Attention
+    counts the causal query-key pairs of each conversation: 2 matmuls of ``hidden`` width forward, 2x
+    that backward. Recomputation by gradient checkpointing is not useful work and is not counted.
+    """
+    hidden, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    kv = (config.num_key_value_heads or config.num_attention_heads) * head_dim
+    per_layer = hidden * (hidden + 2 * kv) + hidden * hidden + hidden * 2 * inter + inter * hidden
+    linear = 4 * per_layer * layers * counts.real
+    head = 4 * config.vocab_size * hidden * counts.labelled
+    attention = 3 * 4 * config.num_attention_heads * head_dim * layers * counts.attention_pairs
+    return float(linear + head + attention)
+
+
+def matmul_peak_flops(dtype: torch.dtype, device: str, size: int = 2048, seconds: float = 2.0) -> float:
+    """Measured matmul throughput (FLOP/s), best of repeated ``size``-square products."""
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    best = math.inf
+    deadline = time.perf_counter() + seconds
+    for _ in range(3):  # warm-up
+        a @ b
+    while time.perf_counter() < deadline:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(10 if device == "cuda" else 1):
+            a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - start) / (10 if device == "cuda" else 1))
+    return 2 * size**3 / best
+
+
+def ratios(rows: list[dict[str, Any]], baseline: str) -> None:
+    """Add ``*_x`` ratios against the ``baseline`` row to every row, in place."""
+    base = next((r for r in rows if r["config"] == baseline and "error" not in r), None)
+    for row in rows:
+        if base is None or "error" in row:
+            continue
+        row["tokens_per_s_x"] = row["tokens_per_s"] / base["tokens_per_s"]
+        row["peak_memory_x"] = row["peak_memory_mib"] / base["peak_memory_mib"]
+        row["wall_x"] = row["wall_s"] / base["wall_s"]
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The results as a fixed-width text table (markdown-compatible)."""
+    header = ("| config | wall s | conv tok/s | x base | loss tokens | padding | peak MiB | x base "
+              "| train loss | held-out loss | MFU |")
+    lines = [header, "|" + "|".join("---" for _ in range(header.count("|") - 1)) + "|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['config']} | failed: {r['error'][:80]} |" + " |" * 9)
+            continue
+        lines.append(
+            f"| {r['config']} | {r['wall_s']:.1f} | {r['tokens_per_s']:.0f} | {r.get('tokens_per_s_x', math.nan):.2f} "
+            f"| {r['labelled_tokens']} | {r['padding_fraction']:.0%} | {r['peak_memory_mib']:.0f} "
+            f"| {r.get('peak_memory_x', math.nan):.2f} | {r['final_train_loss']:.3f} | {r['heldout_loss']:.4f} "
+            f"| {r['mfu']:.1%} |"
+        )
+    return "\n".join(lines)
+
+
+def config_dict(config: BenchConfig) -> dict[str, Any]:
+    """A configuration as plain JSON."""
+    return asdict(config)
