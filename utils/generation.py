@@ -13,9 +13,10 @@ import json
 import statistics
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
@@ -303,6 +304,17 @@ def attach_adapter(model: PreTrainedModel, folder: Path, adapter_name: str = "de
         model.load_adapter(str(folder), adapter_name=adapter_name, is_trainable=False)
         return model
     return PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name, is_trainable=False)
+
+
+@contextmanager
+def adapter_in_use(peft_model: Any, adapter_name: str | None) -> Iterator[Any]:
+    """Run a block with one named adapter active, or with none (``None``: the base model alone)."""
+    if adapter_name is None:
+        with peft_model.disable_adapter():
+            yield peft_model
+    else:
+        peft_model.set_adapter(adapter_name)
+        yield peft_model
 
 
 def quantized_modules(model: torch.nn.Module) -> list[str]:
