@@ -9,7 +9,6 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from utils import data
 from utils.data import IGNORE_INDEX, tokenize_conversation
 from utils.evaluation import (
     LossResult,
@@ -44,19 +43,6 @@ def one_thread():
     """Small matmuls on a shared 2-core machine: one thread is faster and steadier."""
     with torch_threads(1):
         yield
-
-
-def _house_style(text: str) -> bool:
-    """Private stand-in for utils.data.follows_house_style until the data module ships it."""
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return bool(lines) and lines[0].startswith("In short: ") and lines[-1].startswith("Tip: ")
-
-
-@pytest.fixture(autouse=True)
-def house_style(monkeypatch):
-    """utils.data.follows_house_style, or the stand-in while it has not landed."""
-    if not hasattr(data, "follows_house_style"):
-        monkeypatch.setattr(data, "follows_house_style", _house_style, raising=False)
 
 
 @pytest.fixture(scope="module")
