@@ -168,3 +168,20 @@ def test_token_texts_join_to_the_decoded_text(phi3):
                                  {"role": "assistant", "content": "In short: ok.\nTip: go."}], phi3)["input_ids"]
     pieces = token_texts(ids, phi3)
     assert len(pieces) == len(ids) and "".join(pieces) == phi3.decode(ids)
+
+
+def test_trl_sft_trainer_trains_on_the_same_tokens(phi3, tmp_path):
+    """trl's own preparation (assistant_only_loss=True) gives exactly tokenize_conversation's ids and labels."""
+    from trl import SFTConfig, SFTTrainer
+
+    from utils.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer("tiny", verbose=False)
+    conversations = [{"messages": MESSAGES}, {"messages": MESSAGES[1:3]}]
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, activation_checkpointing=False,
+                     assistant_only_loss=True,
+                     max_length=None, report_to="none", dataset_num_proc=None)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=to_sft_dataset(conversations), processing_class=tokenizer)
+    for row, conversation in zip(trainer.train_dataset, conversations):
+        ours = tokenize_conversation(conversation["messages"], phi3)
+        assert row["input_ids"] == ours["input_ids"] and row["labels"] == ours["labels"]

@@ -18,7 +18,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping
 
 from utils.paths import DATA_DIR
 
@@ -338,8 +338,9 @@ def load_conversations(
             raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(FILE_KINDS)}.")
     elif isinstance(source, (str, Path)):
         source = _hub_or_missing(str(source), split)
-    if hasattr(source, "keys") and hasattr(source, "values") and not isinstance(source, Sequence):
-        raise ValueError(f"Got a dataset with several splits ({', '.join(source.keys())}); pass one, e.g. data['train'].")
+    if isinstance(source, Mapping):  # a DatasetDict, or one record passed on its own
+        raise ValueError(f"Got a mapping with keys {', '.join(map(str, source))}: pass one split (e.g. data['train']) "
+                         "or a list of records.")
     name = str(path) if path else f"<{type(source).__name__}>"
 
     if kind in ("csv", "tsv"):
