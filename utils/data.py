@@ -234,7 +234,8 @@ def _check_order(messages: list[dict[str, str]], list_field: str = "messages", r
                        "merge consecutive turns of the same role, or add the missing turn")
     if messages[-1]["role"] != "assistant":
         raise _Bad(where(len(messages) - 1), "the conversation ends with a user turn",
-                   "end every conversation with the assistant's reply (it is what the model learns), or remove the turn")
+                   "end every conversation with the assistant's reply (it is what the model learns), "
+                   "or remove the turn")
 
 
 def _from_messages(record: Mapping[str, Any]) -> tuple[list[dict[str, str]], set[str]]:
@@ -243,7 +244,8 @@ def _from_messages(record: Mapping[str, Any]) -> tuple[list[dict[str, str]], set
     for index, turn in enumerate(_turns(record, "messages")):
         where = f"messages[{index}]"
         if not isinstance(turn, Mapping):
-            raise _Bad(where, f"expected an object with role and content, got {turn!r:.40}", 'write {"role": ..., "content": ...}')
+            raise _Bad(where, f"expected an object with role and content, got {turn!r:.40}",
+                       'write {"role": ..., "content": ...}')
         role = _text(turn.get("role"), f"{where}.role")
         if role not in ROLES:
             raise _Bad(f"{where}.role", f"unknown role {role!r}", f"use one of {', '.join(ROLES)}")
@@ -260,7 +262,8 @@ def _from_sharegpt(record: Mapping[str, Any]) -> tuple[list[dict[str, str]], set
     for index, turn in enumerate(_turns(record, "conversations")):
         where = f"conversations[{index}]"
         if not isinstance(turn, Mapping):
-            raise _Bad(where, f"expected an object with from and value, got {turn!r:.40}", 'write {"from": ..., "value": ...}')
+            raise _Bad(where, f"expected an object with from and value, got {turn!r:.40}",
+                       'write {"from": ..., "value": ...}')
         speaker = _text(turn.get("from"), f"{where}.from")
         if speaker not in SHAREGPT_ROLES:
             raise _Bad(f"{where}.from", f"unknown speaker {speaker!r}", f"use one of {', '.join(SHAREGPT_ROLES)}")
@@ -276,11 +279,14 @@ def _from_alpaca(record: Mapping[str, Any]) -> tuple[list[dict[str, str]], set[s
     system = _text(record.get("system"), "system", required=False).strip()
     user = f"{instruction}\n\n{extra}" if extra else instruction
     messages = [{"role": "system", "content": system}] if system else []
-    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": _text(record.get("output"), "output")}]
+    reply = _text(record.get("output"), "output")
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
     return messages, {"instruction", "input", "output", "system"}
 
 
-def _from_columns(record: Mapping[str, Any], prompt: str, response: str, system: str | None) -> tuple[list[dict[str, str]], set[str]]:
+def _from_columns(
+    record: Mapping[str, Any], prompt: str, response: str, system: str | None
+) -> tuple[list[dict[str, str]], set[str]]:
     """A table row: the prompt column -> user, the response column -> assistant, an optional system column."""
     if None in record:  # csv.DictReader puts cells beyond the header under the key None
         raise _Bad("(row)", f"{len(record[None])} more cell(s) than the header has columns",
@@ -311,6 +317,39 @@ def _detect_format(record: Any, prompt_column: str, response_column: str) -> str
 # --- the one entry point ----------------------------------------------------------------------------
 
 
+def _open_source(
+    source: Any, format: str | None, split: str, columns: tuple[str, str, str | None]
+) -> tuple[str, Iterator[tuple[str, Any]], str | None, str]:
+    """(name, (location, record) pairs, format, how it was decided) for a file, a Dataset, a list or a Hub id."""
+    if isinstance(source, (str, Path)) and Path(source).is_file():
+        path = Path(source)
+        kind = FILE_KINDS.get(path.suffix.lower())
+        if kind is None:
+            raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(FILE_KINDS)}.")
+        delimiter = "\t" if kind == "tsv" else ","
+        if kind in ("csv", "tsv"):
+            if format not in (None, "prompt_response"):
+                raise ValueError(f"{path}: a {kind.upper()} file holds prompt/response columns, "
+                                 f"not {format!r} records.")
+            header = next(csv.reader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter), [])
+            for column in columns:
+                if column is not None and column not in header:
+                    found = ", ".join(header) or "nothing"
+                    raise DataValidationError(Problem(
+                        str(path), "line 1", column, f"no column {column!r} in the header (found: {found})",
+                        "rename the column, or name yours with prompt_column= / response_column= / system_column="),
+                        hint=False)
+            return str(path), _file_records(path, kind, delimiter), "prompt_response", f"a .{kind} file"
+        return str(path), _file_records(path, kind, delimiter), format, "named by the caller" if format else ""
+    if isinstance(source, (str, Path)):
+        source = _hub_or_missing(str(source), split)
+    if isinstance(source, Mapping):  # a DatasetDict, or one record passed on its own
+        raise ValueError(f"Got a mapping with keys {', '.join(map(str, source))}: pass one split (e.g. data['train']) "
+                         "or a list of records.")
+    records = ((f"index {index}", record) for index, record in enumerate(source))
+    return f"<{type(source).__name__}>", records, format, "named by the caller" if format else ""
+
+
 def load_conversations(
     source: str | Path | Any,
     format: str | None = None,
@@ -330,34 +369,9 @@ def load_conversations(
     """
     if format is not None and format not in FORMATS:
         raise ValueError(f"Unknown format {format!r}; choose one of {', '.join(FORMATS)} (or None to detect it).")
-    kind, path, how = "records", None, ""
-    if isinstance(source, (str, Path)) and Path(source).is_file():
-        path = Path(source)
-        kind = FILE_KINDS.get(path.suffix.lower(), "")
-        if not kind:
-            raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(FILE_KINDS)}.")
-    elif isinstance(source, (str, Path)):
-        source = _hub_or_missing(str(source), split)
-    if isinstance(source, Mapping):  # a DatasetDict, or one record passed on its own
-        raise ValueError(f"Got a mapping with keys {', '.join(map(str, source))}: pass one split (e.g. data['train']) "
-                         "or a list of records.")
-    name = str(path) if path else f"<{type(source).__name__}>"
-
-    if kind in ("csv", "tsv"):
-        if format not in (None, "prompt_response"):
-            raise ValueError(f"{name}: a {kind.upper()} file holds prompt/response columns; format {format!r} does not apply.")
-        header = next(csv.reader(io.StringIO(_read_text(path), newline=""), delimiter="\t" if kind == "tsv" else ","), [])
-        for column in (prompt_column, response_column, system_column):
-            if column is not None and column not in header:
-                raise DataValidationError(Problem(
-                    name, "line 1", column, f"no column {column!r} in the header (found: {', '.join(header) or 'nothing'})",
-                    f"rename the column, or name yours with prompt_column= / response_column= / system_column="), hint=False)
-        format, how = "prompt_response", f"a .{kind} file"
-    records = (_file_records(path, kind, "\t" if kind == "tsv" else ",") if path
-               else ((f"index {index}", record) for index, record in enumerate(source)))
-
-    if format and not how:
-        how = "named by the caller"
+    name, records, format, how = _open_source(source, format, split, (prompt_column, response_column, system_column))
+    converters = {"messages": _from_messages, "sharegpt": _from_sharegpt, "alpaca": _from_alpaca,
+                  "prompt_response": lambda row: _from_columns(row, prompt_column, response_column, system_column)}
     conversations: list[dict[str, Any]] = []
     skipped: list[Problem] = []
     count = 0
@@ -369,18 +383,12 @@ def load_conversations(
                 keys = ", ".join(map(repr, record)) if isinstance(record, Mapping) else type(record).__name__
                 raise DataValidationError(Problem(
                     name, location, "(record)", f"cannot tell the format from this record (keys: {keys})",
-                    f"pass format= one of {', '.join(FORMATS)}; the formats look like this: {_FORMAT_HELP}"), hint=False)
+                    f"pass format= one of {', '.join(FORMATS)}; the formats look like this: {_FORMAT_HELP}"),
+                    hint=False)
             how = f"detected from the keys of {location}"
         try:
             row = _record(record)
-            if format == "messages":
-                messages, used = _from_messages(row)
-            elif format == "sharegpt":
-                messages, used = _from_sharegpt(row)
-            elif format == "alpaca":
-                messages, used = _from_alpaca(row)
-            else:
-                messages, used = _from_columns(row, prompt_column, response_column, system_column)
+            messages, used = converters[format](row)
         except _Bad as bad:
             problem = Problem(name, location, bad.field, bad.message, bad.fix)
             if not lenient:
@@ -505,7 +513,10 @@ def mark_assistant_tokens(messages: list[dict[str, str]], tokenizer: Any, *, htm
     out, inside = [], False
     for piece, keep in zip(pieces + [""], in_loss + [False]):
         if keep != inside:
-            out.append(("<span style='background:#c8f7c5'>" if keep else "</span>") if html else ("[[" if keep else "]]"))
+            if html:
+                out.append("<span style='background:#c8f7c5'>" if keep else "</span>")
+            else:
+                out.append("[[" if keep else "]]")
             inside = keep
         out.append(html_lib.escape(piece) if html else piece)
     text = "".join(out)
