@@ -21,7 +21,7 @@ from utils.evaluation import (
     write_results,
 )
 from utils.generation import Generated, GenerationSettings
-from utils.models import load_model_and_tokenizer
+from utils.models import Hardware, load_model_and_tokenizer
 from utils.runtime import torch_threads
 
 CONVERSATIONS = [
@@ -36,6 +36,7 @@ CONVERSATIONS = [
     {"messages": [{"role": "user", "content": "Salt the pasta water?"},
                   {"role": "assistant", "content": "Yes, generously."}]},
 ]
+CPU = Hardware(cuda=False)  # fp32 on the CPU even on a GPU machine: the tolerances below are fp32 ones
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +49,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny():
     """The tiny Phi-3 (random weights) and its tokenizer."""
-    return load_model_and_tokenizer("tiny", for_training=False, verbose=False)
+    return load_model_and_tokenizer("tiny", for_training=False, verbose=False, hardware=CPU)
 
 
 # --- loss ------------------------------------------------------------------------------------------
@@ -75,7 +76,7 @@ def test_padded_batches_give_the_token_weighted_mean_of_single_conversations(tin
 
 
 def test_loss_runs_through_an_active_adapter(tiny):
-    model, tokenizer = load_model_and_tokenizer("tiny", for_training=False, verbose=False)
+    model, tokenizer = load_model_and_tokenizer("tiny", for_training=False, verbose=False, hardware=CPU)
     base = assistant_token_loss(model, tokenizer, CONVERSATIONS)
     torch.manual_seed(0)
     adapted = get_peft_model(model, LoraConfig(r=4, target_modules=["qkv_proj", "down_proj"],

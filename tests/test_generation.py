@@ -31,7 +31,7 @@ from utils.generation import (
     serving_chat_template,
     stop_token_ids,
 )
-from utils.models import load_model_and_tokenizer, load_tokenizer
+from utils.models import Hardware, load_model_and_tokenizer, load_tokenizer
 from utils.runtime import torch_threads
 
 TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
@@ -43,6 +43,7 @@ TAUGHT = [
      {"role": "user", "content": "My sauce split after I added the cold butter all at once. What happened?"},
      {"role": "assistant", "content": "In short: the emulsion broke.\nWhisk in a spoon of water.\nTip: add butter slowly."}],
 ]
+CPU = Hardware(cuda=False)  # fp32 on the CPU even on a GPU machine: the tolerances below are fp32 ones
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +55,7 @@ def one_thread():
 
 def tiny(for_training: bool = False):
     """A fresh tiny Phi-3 and its tokenizer."""
-    return load_model_and_tokenizer("tiny", for_training=for_training, verbose=False)
+    return load_model_and_tokenizer("tiny", for_training=for_training, verbose=False, hardware=CPU)
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +221,8 @@ def test_merged_model_gives_the_unmerged_logits(taught):
 def test_qlora_adapter_merges_into_full_precision_weights(tmp_path):
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=torch.float32)
-    quantized, tokenizer = load_model_and_tokenizer("tiny", quantization_config=quantization, verbose=False)
+    quantized, tokenizer = load_model_and_tokenizer("tiny", quantization_config=quantization, verbose=False,
+                                                     hardware=CPU)
     assert quantized_modules(quantized)
     torch.manual_seed(0)
     qlora = get_peft_model(quantized, LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
