@@ -149,6 +149,16 @@ def test_add_lora_names_the_problem_on_a_non_phi3_model() -> None:
         add_lora(model, LoraSettings(targets=("o_proj",)))
 
 
+def test_add_lora_refuses_quantized_linear_layers() -> None:
+    class Linear4bitStandIn(torch.nn.Linear):
+        pass
+
+    model = small_phi3()
+    model.model.layers[0].self_attn.o_proj = Linear4bitStandIn(32, 32, bias=False)
+    with pytest.raises(TypeError, match="Linear4bitStandIn, not a plain nn.Linear"):
+        add_lora(model, LoraSettings(r=2))
+
+
 def test_conv2d_with_lora_starts_equal_and_merges_exactly() -> None:
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 5, kernel_size=3, padding=1)

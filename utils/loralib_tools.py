@@ -331,6 +331,9 @@ def add_lora(model: nn.Module, settings: LoraSettings, adapter_dtype: torch.dtyp
         leaf = name.rsplit(".", 1)[-1]
         if leaf not in settings.targets or not isinstance(module, nn.Linear) or isinstance(module, lora.LoRALayer):
             continue
+        if type(module) is not nn.Linear:  # e.g. bitsandbytes' Linear4bit: packed weights loralib cannot use
+            raise TypeError(f"{name} is a {type(module).__name__}, not a plain nn.Linear: loralib needs full-precision "
+                            f"weights. Load the model without quantization_config, or use PEFT for QLoRA (notebook 04).")
         if leaf == "qkv_proj":
             new = qkv_with_lora(module, report.qkv_widths, settings, adapter_dtype)
         else:
@@ -596,14 +599,4 @@ def conversation_batches(
     random.Random(seed).shuffle(rows)
     collate = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
     return [collate(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
-
-
-def lora_update(layer: lora.LoRALayer) -> torch.Tensor:
-    """The dense update (alpha / r) * B @ A that a loralib Linear/MergedLinear layer adds to its weight."""
-    if isinstance(layer, lora.MergedLinear):
-        return layer.merge_AB().detach() * layer.scaling
-    delta = layer.lora_B @ layer.lora_A
-    if getattr(layer, "fan_in_fan_out", False):
-        delta = delta.transpose(0, 1)
-    return delta.detach() * layer.scaling
 
