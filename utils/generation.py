@@ -176,8 +176,8 @@ def generation_speed(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     inputs = inputs.to(model.device)
     rates = []
     with torch.inference_mode():
-        model.generate(**inputs, generation_config=GenerationConfig(**{**config.to_dict(), "max_new_tokens": 2,
-                                                                      "min_new_tokens": 2}))  # warm-up
+        warm_up = generation_config(tokenizer, model, GenerationSettings(max_new_tokens=2), min_new_tokens=2)
+        model.generate(**inputs, generation_config=warm_up)
         for _ in range(repeats):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
