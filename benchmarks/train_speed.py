@@ -58,10 +58,11 @@ CONFIGS: dict[str, BenchConfig] = {c.name: c for c in (
 )}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, configs: dict[str, BenchConfig] = CONFIGS,
+               parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
     """Command-line options (defaults sized for ~12-15 minutes on 2 CPU cores with the smol model)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="*", default=list(CONFIGS), help=f"subset of: {' '.join(CONFIGS)}")
+    parser = parser or argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="*", default=list(configs), help=f"subset of: {' '.join(configs)}")
     parser.add_argument("--model", default="smol", help="model name for utils.models (default: smol)")
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per configuration (default 8)")
     parser.add_argument("--batch-size", type=int, default=4, help="conversations per step (default 4)")
@@ -72,12 +73,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-4, help="learning rate, constant, for every row (default 2e-4)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per configuration; the fastest is kept")
     parser.add_argument("--output", type=Path, default=None, help="JSON path (default outputs/bench/train_speed.json)")
+    parser.add_argument("--quantize", choices=("none", "nf4"), default="none", help="load the base in NF4 (QLoRA)")
+    parser.add_argument("--pack-length", type=int, default=0,
+                        help="packed row length (default 0: the smallest giving one row per step)")
+    parser.add_argument("--conversations", type=Path, default=None,
+                        help="JSON {'train': [...], 'heldout': [...]} of message lists instead of chitchat")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one configuration
     parser.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    unknown = set(args.configs) - set(CONFIGS)
+    unknown = set(args.configs) - set(configs)
     if unknown:
-        parser.error(f"unknown configuration(s) {sorted(unknown)}; choose from {list(CONFIGS)}")
+        parser.error(f"unknown configuration(s) {sorted(unknown)}; choose from {list(configs)}")
     return args
 
 
@@ -127,15 +133,36 @@ def run_worker(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
     from utils.speed import score_only_labelled_positions, use_varlen_sdpa
 
     set_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args.model, verbose=False)
+    quantization = None
+    if args.quantize == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available()
+                                          else torch.float32)
+    model, tokenizer = load_model_and_tokenizer(args.model, verbose=False, quantization_config=quantization)
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
     cuda = torch.cuda.is_available()
     n_train = args.steps * args.batch_size
-    train, heldout = benchmark_split(tokenizer, n_train, args.heldout, args.max_tokens, seed=args.seed)
+    if args.conversations:
+        stored = json.loads(args.conversations.read_text(encoding="utf-8"))
+        train, heldout = stored["train"][:n_train], stored["heldout"][: args.heldout]
+    else:
+        train, heldout = benchmark_split(tokenizer, n_train, args.heldout, args.max_tokens, seed=args.seed)
     if config.text_field:
         dataset = Dataset.from_list([{"text": tokenizer.apply_chat_template(m, tokenize=False)} for m in train])
     else:
         dataset = Dataset.from_list([{"messages": m} for m in train])
-    if config.packing:
+    if config.packing and args.pack_length:  # fixed rows (the Cookbook's 2048): as many rows per step as needed
+        from trl.data_utils import pack_dataset
+
+        lengths = [len(render_ids(m, tokenizer)) for m in train]
+        packed = pack_dataset(Dataset.from_dict({"input_ids": [[0] * n for n in lengths]}), args.pack_length, "bfd")
+        rows, batch_size = args.pack_length, -(-len(packed) // args.steps)
+    elif config.packing:
         rows, batch_size = pack_length([len(render_ids(m, tokenizer)) for m in train], args.steps, args.max_tokens), 1
     else:
         rows, batch_size = (None if config.padding_free else config.pad_max_length), args.batch_size
@@ -149,7 +176,7 @@ def run_worker(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
     )
     trainer = SFTTrainer(model=model, args=sft, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=LoraConfig(**LORA))
-    if config.varlen_sdpa:
+    if config.varlen_sdpa and "flash" not in model.config._attn_implementation:  # flash-attention is varlen already
         use_varlen_sdpa(trainer.model)
     counter = CountingCollator(trainer.data_collator)
     trainer.data_collator = counter
@@ -174,18 +201,24 @@ def run_worker(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
         peak_memory_mib=peak, peak_memory_kind="CUDA max allocated" if cuda else "process peak RSS",
         final_train_loss=losses[-1], train_losses=losses,
         heldout_loss=heldout_loss(trainer.model, tokenizer, heldout), flops=model_flops(model.config, c),
-        conversations=len(train), conversation_lengths=c.lengths,
+        conversations=len(train), conversation_lengths=c.lengths, quantize=args.quantize,
+        attn_implementation=trainer.model.config._attn_implementation,
     )
 
 
-def run_config_in_subprocess(name: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_config_in_subprocess(name: str, args: argparse.Namespace, module: str = "benchmarks.train_speed",
+                             extra: list[str] | None = None) -> dict[str, Any]:
     """Run one configuration in a fresh process with the thread count fixed; returns its result row."""
     with tempfile.TemporaryDirectory() as folder:
         result = Path(folder) / "result.json"
-        command = [sys.executable, "-m", "benchmarks.train_speed", "--worker", name, "--result", str(result),
+        command = [sys.executable, "-m", module, "--worker", name, "--result", str(result),
                    "--model", args.model, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                    "--heldout", str(args.heldout), "--max-tokens", str(args.max_tokens),
-                   "--threads", str(args.threads), "--seed", str(args.seed), "--lr", str(args.lr)]
+                   "--threads", str(args.threads), "--seed", str(args.seed), "--lr", str(args.lr),
+                   "--quantize", args.quantize, "--pack-length", str(args.pack_length)]
+        if args.conversations:
+            command += ["--conversations", str(args.conversations)]
+        command += extra or []
         threads = str(args.threads)
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
                "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
