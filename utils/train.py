@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
     from peft import prepare_model_for_kbit_training
 
+    from utils.data import fit_to_length
     from utils.models import load_model_and_tokenizer
     from utils.training import add_lora_adapter, peft_config, train, training_config
 
@@ -184,6 +185,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             model, use_gradient_checkpointing=bool(config["activation_checkpointing"]),
             gradient_checkpointing_kwargs=config["activation_checkpointing_kwargs"])
     model = add_lora_adapter(model, lora, seed=config["seed"])
+    if config.get("max_length"):  # cut long conversations at a turn boundary, not mid-reply
+        train_rows, report = fit_to_length(train_rows, tokenizer, config["max_length"])
+        eval_rows, _ = fit_to_length(eval_rows, tokenizer, config["max_length"])
+        if rank == 0:
+            print(f"Training data: {report}")
     adapter_dir = Path(settings.get("adapter_dir") or artifact(QLORA_ADAPTER if method == "qlora" else LORA_ADAPTER))
     result = train(model, tokenizer, train_rows, eval_rows, config, adapter_dir=adapter_dir,
                    resume=bool(settings.get("resume")))

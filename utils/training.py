@@ -459,6 +459,7 @@ def train(
     history = list(trainer.state.log_history)
     metrics = _run_metrics(history, clock, trainer.state.global_step)
     metrics["resumed_from_step"] = int(checkpoint.name.split("-")[-1]) if checkpoint else None
+    metrics["base_model"] = getattr(trainer.model.get_base_model().config, "_name_or_path", None)
     if trainer.is_world_process_zero():
         (adapter_dir / "training_metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
     return TrainingResult(adapter_dir, run_dir, history, metrics, checkpoint, trainer)
@@ -494,8 +495,8 @@ def _run_metrics(history: list[dict[str, Any]], clock: dict[str, float], steps: 
     }
 
 
-def metrics_table(results: dict[str, TrainingResult]):
-    """A DataFrame with one column per run: time, tokens/s, peak memory, losses."""
+def metrics_table(results: dict[str, TrainingResult | dict[str, Any]]):
+    """A DataFrame with one column per run (a result, or the metrics dict of a saved run): time, tokens/s, memory, losses."""
     import pandas as pd
 
     labels = {"steps": "optimizer steps", "seconds": "train time (s)", "tokens": "tokens trained",
@@ -503,8 +504,9 @@ def metrics_table(results: dict[str, TrainingResult]):
               "peak_memory_kind": "memory measured as", "eval_loss_before": "validation loss before",
               "eval_loss_after": "validation loss after", "train_loss_first": "first logged train loss",
               "train_loss_last": "last logged train loss"}
-    return pd.DataFrame({name: {label: result.metrics.get(key) for key, label in labels.items()}
-                         for name, result in results.items()})
+    metrics = {name: result.metrics if isinstance(result, TrainingResult) else result for name, result in results.items()}
+    return pd.DataFrame({name: {label: values.get(key) for key, label in labels.items()}
+                         for name, values in metrics.items()})
 
 
 def plot_losses(result: TrainingResult, title: str = "Loss", path: str | Path | None = None):
