@@ -28,6 +28,7 @@ class BenchConfig:
     compact_head: bool = False  # utils.speed: the LM head scores only labelled positions (CPU)
     pad_max_length: int = 512  # truncation length of padded batches (the Cookbook QLoRA notebook: 512)
     liger: bool = False  # Liger kernels (GPU only)
+    micro_batch: int = 0  # conversations per forward/backward, the rest by gradient accumulation (0: whole step)
 
     def sft_kwargs(self) -> dict[str, Any]:
         """The SFTConfig keys this configuration sets (besides the shared ones)."""

@@ -52,9 +52,11 @@ CONFIGS: dict[str, BenchConfig] = {c.name: c for c in (
                 text_field=True, packing=True, gradient_checkpointing=False),
     BenchConfig("compact-head", "assistant-only + utils.speed LM head on labelled positions only",
                 assistant_only_loss=True, packing=True, compact_head=True),
-    BenchConfig("defaults", "the series' defaults: assistant-only, padding-free + varlen SDPA, compact head, "
-                "no checkpointing", assistant_only_loss=True, padding_free=True, varlen_sdpa=True,
-                compact_head=True, gradient_checkpointing=False),
+    BenchConfig("micro-batch", "baseline data as padded micro-batches of one conversation + gradient accumulation",
+                text_field=True, micro_batch=1),
+    BenchConfig("defaults", "the series' defaults: assistant-only loss, one conversation per micro-batch "
+                "(gradient accumulation), compact head, no checkpointing", assistant_only_loss=True,
+                compact_head=True, gradient_checkpointing=False, micro_batch=1),
 )}
 
 
@@ -64,10 +66,10 @@ def parse_args(argv: list[str] | None = None, configs: dict[str, BenchConfig] = 
     parser = parser or argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="*", default=list(configs), help=f"subset of: {' '.join(configs)}")
     parser.add_argument("--model", default="smol", help="model name for utils.models (default: smol)")
-    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per configuration (default 8)")
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per configuration (default 6)")
     parser.add_argument("--batch-size", type=int, default=4, help="conversations per step (default 4)")
     parser.add_argument("--heldout", type=int, default=12, help="held-out conversations for the loss (default 12)")
-    parser.add_argument("--max-tokens", type=int, default=384, help="conversation length cap, in tokens (default 384)")
+    parser.add_argument("--max-tokens", type=int, default=320, help="conversation length cap, in tokens (default 320)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run, fixed (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed for data subset, LoRA init and order (default 0)")
     parser.add_argument("--lr", type=float, default=2e-4, help="learning rate, constant, for every row (default 2e-4)")
@@ -166,9 +168,15 @@ def run_worker(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
         rows, batch_size = pack_length([len(render_ids(m, tokenizer)) for m in train], args.steps, args.max_tokens), 1
     else:
         rows, batch_size = (None if config.padding_free else config.pad_max_length), args.batch_size
+    accumulation = 1
+    if config.micro_batch and not config.packing:  # same conversations per optimizer step, smaller passes
+        if batch_size % config.micro_batch:
+            raise ValueError(f"{config.name}: --batch-size {batch_size} is not a multiple of micro_batch "
+                             f"{config.micro_batch}")
+        batch_size, accumulation = config.micro_batch, batch_size // config.micro_batch
     sft = SFTConfig(
         output_dir=tempfile.mkdtemp(prefix=f"bench-{config.name}-"),
-        per_device_train_batch_size=batch_size, gradient_accumulation_steps=1, num_train_epochs=1,
+        per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation, num_train_epochs=1,
         learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
         max_length=rows, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
         seed=args.seed, data_seed=args.seed, dataloader_num_workers=0,
@@ -182,6 +190,7 @@ def run_worker(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
     trainer.data_collator = counter
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with score_only_labelled_positions() if config.compact_head else nullcontext():
         if cuda:
             torch.cuda.synchronize()
@@ -196,7 +205,8 @@ def run_worker(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
     c = counter.counts
     return dict(
         config=config.name, what=config.what, settings=config_dict(config), steps=trainer.state.global_step,
-        batch_size=batch_size, max_length=rows, wall_s=wall, real_tokens=c.real, positions=c.positions,
+        batch_size=batch_size, gradient_accumulation_steps=accumulation, max_length=rows,
+        peak_rss_before_training_mib=rss_before, wall_s=wall, real_tokens=c.real, positions=c.positions,
         labelled_tokens=c.labelled, padding_fraction=1 - c.real / c.positions, tokens_per_s=c.real / wall,
         peak_memory_mib=peak, peak_memory_kind="CUDA max allocated" if cuda else "process peak RSS",
         final_train_loss=losses[-1], train_losses=losses,

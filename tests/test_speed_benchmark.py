@@ -93,4 +93,6 @@ def test_benchmark_configurations_change_one_thing_from_their_reference():
     base = CONFIGS["cookbook"]
     assert base.text_field and base.packing and base.gradient_checkpointing
     assert not CONFIGS["no-checkpointing"].gradient_checkpointing
-    assert CONFIGS["defaults"].sft_kwargs()["assistant_only_loss"] and CONFIGS["defaults"].varlen_sdpa
+    defaults = CONFIGS["defaults"]
+    assert defaults.sft_kwargs()["assistant_only_loss"] and defaults.compact_head and defaults.micro_batch == 1
+    assert not defaults.gradient_checkpointing and CONFIGS["varlen-sdpa"].varlen_sdpa
