@@ -115,10 +115,10 @@ def matmul_peak_flops(dtype: torch.dtype, device: str, size: int = 2048, seconds
     a = torch.randn(size, size, dtype=dtype, device=device)
     b = torch.randn(size, size, dtype=dtype, device=device)
     best = math.inf
-    deadline = time.perf_counter() + seconds
     for _ in range(3):  # warm-up
         a @ b
-    while time.perf_counter() < deadline:
+    deadline, runs = time.perf_counter() + seconds, 0
+    while runs < 5 or time.perf_counter() < deadline:  # at least 5 timed runs: the best one counts
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -127,6 +127,7 @@ def matmul_peak_flops(dtype: torch.dtype, device: str, size: int = 2048, seconds
         if device == "cuda":
             torch.cuda.synchronize()
         best = min(best, (time.perf_counter() - start) / (10 if device == "cuda" else 1))
+        runs += 1
     return 2 * size**3 / best
 
 

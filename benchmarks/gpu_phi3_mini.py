@@ -109,9 +109,9 @@ def options(argv: list[str] | None, configs: dict[str, BenchConfig]) -> argparse
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--export", action="store_true", help="(CPU) write the conversations file and stop")
     parser.add_argument("--model-dir", type=Path, default=None, help="reuse a built random Phi-3-mini folder")
-    parser.set_defaults(steps=10, batch_size=12, heldout=16, max_tokens=SEQUENCE_LENGTH, threads=8,
-                        pack_length=SEQUENCE_LENGTH, lr=2e-4)
-    return parse_args(argv, configs=configs, parser=parser)
+    gpu_sizes = dict(steps=10, batch_size=12, heldout=16, max_tokens=SEQUENCE_LENGTH, threads=8,
+                     pack_length=SEQUENCE_LENGTH, lr=2e-4)
+    return parse_args(argv, configs=configs, parser=parser, defaults=gpu_sizes)
 
 
 def main(argv: list[str] | None = None) -> None:
