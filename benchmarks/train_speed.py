@@ -300,6 +300,8 @@ def main(argv: list[str] | None = None) -> None:
         if good:
             best["repeat_walls_s"] = [r["wall_s"] for r in good]
         rows.append(best)
+        partial = artifact("bench/train_speed.partial.json")  # rows so far, in case the run is stopped
+        partial.write_text(json.dumps(dict(machine=info, matmul_peak_flops=peak, rows=rows), default=str))
     peak_after = matmul_peak_flops(dtype, "cuda" if cuda else "cpu")  # contention can hide the peak: keep the best
     print(f"\nMatmul peak measured again after the runs: {peak_after / 1e9:.1f} GFLOP/s; MFU uses the higher one.")
     peak = max(peak, peak_after)
