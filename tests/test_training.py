@@ -64,7 +64,7 @@ def test_peft_config_targets_phi3_projections_and_builds_a_lora_config():
 def test_config_diff_lists_only_changed_keys():
     diff = training.config_diff(training.training_config("gpu", "lora"), training.training_config("gpu", "qlora"),
                                 ("LoRA", "QLoRA"))
-    assert list(diff.index) == ["optim", "output_dir"]
+    assert list(diff.index) == ["optim"]
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +166,8 @@ def test_script_reports_a_bad_config_file_by_name(tmp_path):
         read_config_file(bad)
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
         read_config_file(tmp_path / "missing.yaml")
+
+
+def test_config_diff_of_equal_dicts_is_an_empty_table():
+    diff = training.config_diff(training.training_config("cpu", "lora"), training.training_config("cpu", "qlora"))
+    assert diff.empty and list(diff.columns) == ["before", "after"]

@@ -195,13 +195,15 @@ def peft_table(config: dict[str, Any] | None = None):
                          for key in config]).set_index("key")
 
 
-def config_diff(before: dict[str, Any], after: dict[str, Any], names: tuple[str, str] = ("before", "after")):
+def config_diff(before: dict[str, Any], after: dict[str, Any], names: tuple[str, str] = ("before", "after"),
+                ignore: tuple[str, ...] = ("output_dir",)):
     """A DataFrame of the keys whose values differ between two config dicts (the lesson of a diff)."""
     import pandas as pd
 
-    keys = [key for key in {**before, **after} if before.get(key, "-") != after.get(key, "-")]
+    keys = [key for key in {**before, **after}
+            if key not in ignore and before.get(key, "-") != after.get(key, "-")]
     return pd.DataFrame([{"key": key, names[0]: repr(before.get(key, "-")), names[1]: repr(after.get(key, "-"))}
-                         for key in keys]).set_index("key")
+                         for key in keys], columns=["key", *names]).set_index("key")
 
 
 # --------------------------------------------------------------------------------------------------
