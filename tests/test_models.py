@@ -163,6 +163,10 @@ def test_phi3_mini_on_a_gpu_is_loaded_with_the_planned_settings(monkeypatch):
     assert "trust_remote_code" not in kwargs
     assert model.config.use_cache is False
 
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # FSDP shards the weights itself
+    load_model_and_tokenizer("phi3-mini", hardware=gpu, verbose=False)
+    assert "device_map" not in calls["model"][1]
+
 
 # --- the Llama -> Phi-3 conversion ---------------------------------------------------------
 

@@ -256,6 +256,12 @@ def build_smol_phi3() -> Path:
     return target
 
 
+def sharded_by_accelerate() -> bool:
+    """True when `accelerate launch` runs FSDP or DeepSpeed, which place the weights themselves."""
+    return any(os.environ.get(flag, "").lower() in ("1", "true")
+               for flag in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+
+
 def model_source(choice: ModelChoice) -> str:
     """Where ``from_pretrained`` should read: the built cache folder for tiny/smol, else the hub id/path."""
     if choice.name == "tiny":
@@ -291,8 +297,9 @@ def load_model_and_tokenizer(
     kwargs: dict[str, Any] = dict(dtype=plan.dtype, attn_implementation=plan.attn_implementation)
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
-    if plan.device == "cuda":
-        # One process per GPU under `accelerate launch`: each rank loads onto its own device.
+    if plan.device == "cuda" and not sharded_by_accelerate():
+        # One process per GPU under `accelerate launch` (DDP): each rank loads onto its own device.
+        # FSDP and DeepSpeed ZeRO-3 place and shard the weights themselves, so no device_map there.
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     model.config.use_cache = not for_training
