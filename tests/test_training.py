@@ -10,6 +10,7 @@ import pytest
 
 from utils import training
 from utils.memory import PHI3_LORA_TARGETS
+from utils.paths import REPO_ROOT
 
 
 def test_cpu_and_gpu_profiles_differ_where_the_hardware_does():
@@ -123,11 +124,13 @@ def test_a_marker_whose_files_changed_is_not_complete(tmp_path):
 
 
 def test_bad_rows_are_reported_by_index():
-    with pytest.raises(ValueError, match=r"train\[1\] has no assistant message"):
+    with pytest.raises(ValueError, match="train is empty"):
+        training.conversations_dataset([], "train")
+    with pytest.raises(ValueError, match=r"index 1, field 'messages\[0\].role': the conversation ends with a user"):
         training.conversations_dataset([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant",
                                                                                          "content": "yo"}]},
                                         {"messages": [{"role": "user", "content": "hi"}]}], "train")
-    with pytest.raises(ValueError, match=r"train\[0\] has no non-empty 'messages'"):
+    with pytest.raises(ValueError, match=r"index 0, field 'messages': missing field"):
         training.conversations_dataset([{"text": "hi"}], "train")
 
 
@@ -171,3 +174,15 @@ def test_script_reports_a_bad_config_file_by_name(tmp_path):
 def test_config_diff_of_equal_dicts_is_an_empty_table():
     diff = training.config_diff(training.training_config("cpu", "lora"), training.training_config("cpu", "qlora"))
     assert diff.empty and list(diff.columns) == ["before", "after"]
+
+
+def test_the_script_reads_any_supported_format_with_the_strict_loader(tmp_path):
+    from utils.data import DataValidationError
+    from utils.train import load_rows
+
+    rows = load_rows(REPO_ROOT / "data/examples/sharegpt.json", "train", limit=2)
+    assert len(rows) == 2 and rows[0]["messages"][-1]["role"] == "assistant"
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    with pytest.raises(DataValidationError, match="broken.jsonl"):
+        load_rows(broken, "train", limit=None)

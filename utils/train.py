@@ -74,20 +74,10 @@ def parse_assignment(text: str) -> tuple[str, Any]:
 
 
 def load_rows(path: str | Path | None, split: str, limit: int | None) -> list[dict[str, Any]]:
-    """Conversations from a JSONL file, or the shipped split when ``path`` is None; the first ``limit`` rows."""
-    from utils.data import load_split
+    """Validated conversations from any supported file (messages, ShareGPT, Alpaca, CSV/TSV), or the shipped split."""
+    from utils.data import load_conversations, load_split
 
-    if path is None:
-        rows = load_split(split)
-    else:
-        rows = []
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as error:
-                        raise ValueError(f"{path}:{number}: not valid JSON ({error.msg}).") from None
+    rows = load_split(split) if path is None else load_conversations(path).conversations
     return rows[:limit] if limit else rows
 
 

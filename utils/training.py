@@ -376,19 +376,12 @@ def _throughput_callback(clock: dict[str, float]):
 # Data and the training run
 # --------------------------------------------------------------------------------------------------
 def conversations_dataset(rows: list[dict[str, Any]], name: str = "rows"):
-    """A ``datasets.Dataset`` with only the ``messages`` column; a malformed row is reported by index."""
-    from datasets import Dataset
+    """A ``datasets.Dataset`` of ``messages``, after the same strict checks as every loader (utils.data)."""
+    from utils.data import load_conversations, to_sft_dataset
 
-    for index, row in enumerate(rows):
-        messages = row.get("messages") if isinstance(row, dict) else None
-        if not isinstance(messages, list) or not messages:
-            raise ValueError(f"{name}[{index}] has no non-empty 'messages' list; each row must look like "
-                             "{'messages': [{'role': ..., 'content': ...}, ...]}")
-        if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
-            raise ValueError(f"{name}[{index}] has no assistant message: there would be nothing to learn.")
     if not rows:
         raise ValueError(f"{name} is empty: there is nothing to train or evaluate on.")
-    return Dataset.from_list([{"messages": row["messages"]} for row in rows])
+    return to_sft_dataset(load_conversations(rows, format="messages").conversations)
 
 
 @dataclass
