@@ -135,6 +135,7 @@ def run_worker(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.chitchat import benchmark_split, render_ids
     from utils.models import load_model_and_tokenizer
     from utils.speed import score_only_labelled_positions, use_varlen_sdpa
+    from utils.runtime import peak_memory_bytes
 
     set_seed(args.seed)
     quantization = None
@@ -201,8 +202,7 @@ def run_worker(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize()
         wall = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated() if cuda
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+    peak = peak_memory_bytes() / 2**20  # CUDA max allocated on a GPU, peak RSS on the CPU
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     c = counter.counts
     return dict(
