@@ -238,18 +238,26 @@ def _check_order(messages: list[dict[str, str]], list_field: str = "messages", r
                    "or remove the turn")
 
 
+def _read_turns(
+    record: Mapping[str, Any], list_key: str, role_key: str, content_key: str, roles: Mapping[str, str], noun: str
+) -> list[dict[str, str]]:
+    """The turns under ``list_key`` as ``{role, content}``, each role mapped through ``roles``."""
+    messages = []
+    for index, turn in enumerate(_turns(record, list_key)):
+        where = f"{list_key}[{index}]"
+        if not isinstance(turn, Mapping):
+            raise _Bad(where, f"expected an object with {role_key} and {content_key}, got {turn!r:.40}",
+                       f'write {{"{role_key}": ..., "{content_key}": ...}}')
+        role = _text(turn.get(role_key), f"{where}.{role_key}")
+        if role not in roles:
+            raise _Bad(f"{where}.{role_key}", f"unknown {noun} {role!r}", f"use one of {', '.join(roles)}")
+        messages.append({"role": roles[role], "content": _text(turn.get(content_key), f"{where}.{content_key}")})
+    return messages
+
+
 def _from_messages(record: Mapping[str, Any]) -> tuple[list[dict[str, str]], set[str]]:
     """Messages format (OpenAI / Hugging Face): ``messages`` of ``{role, content}``."""
-    messages = []
-    for index, turn in enumerate(_turns(record, "messages")):
-        where = f"messages[{index}]"
-        if not isinstance(turn, Mapping):
-            raise _Bad(where, f"expected an object with role and content, got {turn!r:.40}",
-                       'write {"role": ..., "content": ...}')
-        role = _text(turn.get("role"), f"{where}.role")
-        if role not in ROLES:
-            raise _Bad(f"{where}.role", f"unknown role {role!r}", f"use one of {', '.join(ROLES)}")
-        messages.append({"role": role, "content": _text(turn.get("content"), f"{where}.content")})
+    messages = _read_turns(record, "messages", "role", "content", {role: role for role in ROLES}, "role")
     _check_order(messages)
     return messages, {"messages"}
 
@@ -259,15 +267,7 @@ def _from_sharegpt(record: Mapping[str, Any]) -> tuple[list[dict[str, str]], set
     messages = []
     if record.get("system") is not None and _text(record["system"], "system", required=False).strip():
         messages.append({"role": "system", "content": record["system"]})
-    for index, turn in enumerate(_turns(record, "conversations")):
-        where = f"conversations[{index}]"
-        if not isinstance(turn, Mapping):
-            raise _Bad(where, f"expected an object with from and value, got {turn!r:.40}",
-                       'write {"from": ..., "value": ...}')
-        speaker = _text(turn.get("from"), f"{where}.from")
-        if speaker not in SHAREGPT_ROLES:
-            raise _Bad(f"{where}.from", f"unknown speaker {speaker!r}", f"use one of {', '.join(SHAREGPT_ROLES)}")
-        messages.append({"role": SHAREGPT_ROLES[speaker], "content": _text(turn.get("value"), f"{where}.value")})
+    messages += _read_turns(record, "conversations", "from", "value", SHAREGPT_ROLES, "speaker")
     _check_order(messages, "conversations", "from", offset=len(messages) - len(record["conversations"]))
     return messages, {"conversations", "system"}
 
