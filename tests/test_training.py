@@ -22,6 +22,34 @@ def test_cpu_and_gpu_profiles_differ_where_the_hardware_does():
     assert training.training_config("cpu", "qlora")["optim"] == "adamw_torch"
 
 
+def test_cpu_profile_trains_one_conversation_per_pass_and_four_per_step():
+    cpu = training.training_config("cpu")
+    # the benchmark's winner on a CPU: no padding, least activation memory, the same 4-conversation step
+    assert (cpu["per_device_train_batch_size"], cpu["gradient_accumulation_steps"]) == (1, 4)
+    assert training.peft_config()["lora_dropout"] == 0.0
+
+
+@pytest.mark.parametrize("memory_gib, method, expected", [
+    (80, "lora", False),  # H100/A100-80GB: Phi-3-mini LoRA at 4 x 2048 fits without recomputation
+    (40, "lora", True),
+    (16, "qlora", True),
+    (None, "lora", True),  # no memory figure: the safe choice
+])
+def test_gpu_checkpointing_follows_the_memory_estimate(memory_gib, method, expected):
+    from utils.memory import needs_gradient_checkpointing
+    from utils.models import Hardware, phi3_mini_config
+
+    gpu = Hardware(cuda=True, gpu_name="GPU", bf16=True, gpu_memory_gib=memory_gib)
+    config = training.training_config("gpu", method, hardware=gpu)
+    assert config["activation_checkpointing"] is expected
+    if memory_gib:  # the same answer as the estimate 00_setup shows, for the profile's batch and length
+        assert expected == needs_gradient_checkpointing(
+            phi3_mini_config(), memory_gib * 2**30, method=method, seq_len=2048, batch_size=4, compute_bytes=2,
+            optimizer_bytes_per_param=2 if method == "qlora" else 8)
+    assert training.training_config("gpu", method, hardware=gpu, activation_checkpointing=True)[
+        "activation_checkpointing"] is True  # an explicit override wins
+
+
 def test_gpu_without_bf16_gets_fp16():
     from utils.models import Hardware
 
@@ -186,3 +214,29 @@ def test_the_script_reads_any_supported_format_with_the_strict_loader(tmp_path):
     broken.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     with pytest.raises(DataValidationError, match="broken.jsonl"):
         load_rows(broken, "train", limit=None)
+
+
+def test_train_scores_only_labelled_positions_on_the_cpu_and_restores_trl(tiny_model, tmp_path):
+    import copy
+
+    import torch
+    import trl.trainer.utils as trl_utils
+    from transformers import TrainerCallback
+
+    from utils.models import load_tokenizer
+
+    seen = []
+
+    class Probe(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            seen.append(trl_utils._use_triton(torch.device("cpu")))
+
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"},
+                          {"role": "assistant", "content": f"Answer number {i}."}]} for i in range(4)]
+    model = training.add_lora_adapter(copy.deepcopy(tiny_model), training.peft_config(r=2), seed=0)
+    config = training.training_config("cpu", output_dir=str(tmp_path / "run"), max_steps=1, eval_strategy="no",
+                                      save_strategy="no", logging_steps=1, disable_tqdm=True, max_length=64)
+    result = training.train(model, load_tokenizer("tiny"), rows, None, config, adapter_dir=tmp_path / "adapter",
+                            callbacks=[Probe()])
+    assert seen == [True] and result.metrics["steps"] == 1  # the compact LM head was on during training
+    assert trl_utils._use_triton(torch.device("cpu")) is False  # and trl is as it was afterwards

@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 PROFILES = ("cpu", "gpu")
 METHODS = ("lora", "qlora")
 BY_GPU = "bf16 if the GPU has it"  # placeholder in the GPU column, resolved by the hardware
+BY_MEMORY = "if the memory estimate needs it"  # placeholder: utils.memory decides from the GPU's memory
 
 # --------------------------------------------------------------------------------------------------
 # The one source of every default: key -> (CPU value, GPU value, what it does and a sensible range).
@@ -48,9 +49,11 @@ TRAINING_PROFILES: dict[str, tuple[Any, Any, str]] = {
     "max_grad_norm": (1.0, 1.0, "clip the gradient norm to this (0.3..1.0) against loss spikes"),
     "optim": ("adamw_torch", "adamw_torch_fused", "optimiser; QLoRA on a GPU uses paged_adamw_8bit"),
     # Batch and length
-    "per_device_train_batch_size": (4, 4, "conversations per forward pass per device (1..16, memory-bound)"),
+    "per_device_train_batch_size": (1, 4, "conversations per forward pass per device (1..16); CPU: one "
+                                          "conversation, no padding, least activation memory (benchmarks/)"),
     "per_device_eval_batch_size": (8, 8, "conversations per evaluation pass (no gradients: can be larger)"),
-    "gradient_accumulation_steps": (1, 4, "passes summed per optimiser step; effective batch = batch x this x GPUs"),
+    "gradient_accumulation_steps": (4, 4, "passes summed per optimiser step; effective batch = batch x this x GPUs "
+                                          "(the loss is normalised over the whole step)"),
     "num_train_epochs": (1, 2, "passes over the training split (1..3 for instruction tuning)"),
     "max_steps": (-1, -1, "stop after this many optimiser steps; -1 = use num_train_epochs"),
     "max_length": (512, 2048, "tokens per conversation after truncation (Phi-3-mini-4k: up to 4096)"),
@@ -60,8 +63,8 @@ TRAINING_PROFILES: dict[str, tuple[Any, Any, str]] = {
     "use_cpu": (True, False, "run on the CPU even if a GPU is visible"),
     "bf16": (False, BY_GPU, "bfloat16 autocast: GPUs from Ampere on; 10-400x slower on most CPUs"),
     "fp16": (False, BY_GPU, "float16 autocast with loss scaling: older GPUs (T4, V100)"),
-    "activation_checkpointing": (False, True, "(was gradient_checkpointing) recompute activations in backward: "
-                                               "~1/3 more time, far less memory"),
+    "activation_checkpointing": (False, BY_MEMORY, "(was gradient_checkpointing) recompute activations in "
+                                                  "backward: ~1/3 more time, far less memory; on only when needed"),
     "activation_checkpointing_kwargs": (None, {"use_reentrant": False}, "non-reentrant works with frozen inputs"),
     # Logging, evaluation, checkpoints
     "logging_strategy": ("steps", "steps", "when to log the training loss"),
@@ -91,7 +94,8 @@ QLORA_CHANGES: dict[str, tuple[Any, Any, str]] = {
 PEFT_PROFILE: dict[str, tuple[Any, str]] = {
     "r": (16, "rank of the update B @ A; 8..64 (more capacity, more memory)"),
     "lora_alpha": (32, "scale: the update is multiplied by alpha / r; commonly 2 x r"),
-    "lora_dropout": (0.05, "dropout on the adapter's input; 0..0.1"),
+    "lora_dropout": (0.0, "dropout on the adapter's input; 0 keeps no masked copy of each input (less memory, "
+                          "faster); try 0.05..0.1 if validation loss rises while training loss falls"),
     "target_modules": (list(PHI3_LORA_TARGETS), "Phi-3's fused projections: attention and MLP"),
     "bias": ("none", "train no biases (Phi-3 has none)"),
     "task_type": ("CAUSAL_LM", "tells PEFT which wrapper to build"),
@@ -118,16 +122,42 @@ def _gpu_has_bf16(hardware: Any | None) -> bool:
     return True
 
 
+def _gpu_needs_checkpointing(hardware: Any | None, method: str, config: dict[str, Any],
+                             model_config: Any | None) -> bool:
+    """Activation checkpointing for a GPU run: on when the estimate without it exceeds the GPU's memory.
+
+    Without a GPU to measure (``hardware`` is None or has no memory figure) the answer is the safe one: on.
+    """
+    memory = getattr(hardware, "gpu_memory_gib", None) if hardware is not None else None
+    if not memory:
+        return True
+    from utils.memory import needs_gradient_checkpointing
+
+    if model_config is None:
+        from utils.models import phi3_mini_config
+
+        model_config = phi3_mini_config()
+    return needs_gradient_checkpointing(
+        model_config, memory * 2**30, method=method, seq_len=int(config["max_length"]),
+        batch_size=int(config["per_device_train_batch_size"]), compute_bytes=2,
+        optimizer_bytes_per_param=2 if "8bit" in str(config["optim"]) else 8,
+    )
+
+
 def training_config(
     profile: str | None = None,
     method: str = "lora",
     *,
     run_name: str | None = None,
     hardware: Any | None = None,
+    model_config: Any | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """The SFTConfig arguments for ``profile`` (cpu/gpu, default: this machine) and ``method`` (lora/qlora).
 
+    On the GPU profile, activation checkpointing is on only when the memory estimate of
+    ``model_config`` (default: Phi-3-mini) does not fit the memory of the GPU in ``hardware``
+    (see :func:`utils.memory.needs_gradient_checkpointing`); with no GPU to ask, it stays on.
     ``output_dir`` is ``outputs/checkpoints/<run_name or method>``. ``overrides`` replace any key
     (an unknown key is refused with the valid ones listed).
     """
@@ -142,6 +172,8 @@ def training_config(
     if profile == "gpu":
         bf16 = _gpu_has_bf16(hardware)
         config["bf16"], config["fp16"] = bf16, not bf16
+        config["activation_checkpointing"] = _gpu_needs_checkpointing(
+            hardware, method, {**config, **overrides}, model_config)
     unknown = sorted(set(overrides) - set(config) - {"output_dir"})
     if unknown:  # any other SFTConfig argument is welcome; a typo is not
         unknown = sorted(set(unknown) - sft_config_keys())
@@ -448,7 +480,8 @@ def train(
     _reset_peak_memory()
     if checkpoint is not None:
         logger.info("Resuming from %s", checkpoint)
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    with _lm_head_on_labelled_positions_only(trainer.model):
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     adapter_dir = Path(adapter_dir)
     trainer.save_model(str(adapter_dir))  # writes on the main process only (and gathers FSDP/ZeRO-3 shards)
     history = list(trainer.state.log_history)
@@ -458,6 +491,21 @@ def train(
     if trainer.is_world_process_zero():
         (adapter_dir / "training_metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
     return TrainingResult(adapter_dir, run_dir, history, metrics, checkpoint, trainer)
+
+
+def _lm_head_on_labelled_positions_only(model: Any):
+    """On a CPU, make trl's LM head score only labelled positions, as it already does on GPUs.
+
+    With assistant-only loss about two thirds of the positions carry no label; scoring them through
+    the 49k-32k-wide LM head is most of the head's time and memory. Same loss and gradients
+    (``utils.speed.score_only_labelled_positions``; measured in ``benchmarks/``).
+    """
+    from contextlib import nullcontext
+
+    from utils.speed import score_only_labelled_positions
+
+    on_cpu = getattr(model, "device", None) is not None and model.device.type == "cpu"
+    return score_only_labelled_positions() if on_cpu else nullcontext()
 
 
 def _reset_peak_memory() -> None:
