@@ -29,6 +29,7 @@ class BenchConfig:
     pad_max_length: int = 512  # truncation length of padded batches (the Cookbook QLoRA notebook: 512)
     liger: bool = False  # Liger kernels (GPU only)
     micro_batch: int = 0  # conversations per forward/backward, the rest by gradient accumulation (0: whole step)
+    lora_dropout: float = 0.05  # the Cookbook's; 0 lets peft skip the dropout copy of every adapted input
 
     def sft_kwargs(self) -> dict[str, Any]:
         """The SFTConfig keys this configuration sets (besides the shared ones)."""
@@ -139,22 +140,24 @@ def ratios(rows: list[dict[str, Any]], baseline: str) -> None:
             continue
         row["tokens_per_s_x"] = row["tokens_per_s"] / base["tokens_per_s"]
         row["peak_memory_x"] = row["peak_memory_mib"] / base["peak_memory_mib"]
+        row["training_memory_x"] = row["training_memory_mib"] / base["training_memory_mib"]
         row["wall_x"] = row["wall_s"] / base["wall_s"]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The results as a fixed-width text table (markdown-compatible)."""
     header = ("| config | wall s | conv tok/s | x base | loss tokens | padding | peak MiB | x base "
-              "| train loss | held-out loss | MFU |")
+              "| +train MiB | x base | train loss | held-out loss | MFU |")
     lines = [header, "|" + "|".join("---" for _ in range(header.count("|") - 1)) + "|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['config']} | failed: {r['error'][:80]} |" + " |" * 9)
+            lines.append(f"| {r['config']} | failed: {r['error'][:80]} |" + " |" * 11)
             continue
         lines.append(
             f"| {r['config']} | {r['wall_s']:.1f} | {r['tokens_per_s']:.0f} | {r.get('tokens_per_s_x', math.nan):.2f} "
             f"| {r['labelled_tokens']} | {r['padding_fraction']:.0%} | {r['peak_memory_mib']:.0f} "
-            f"| {r.get('peak_memory_x', math.nan):.2f} | {r['final_train_loss']:.3f} | {r['heldout_loss']:.4f} "
+            f"| {r.get('peak_memory_x', math.nan):.2f} | {r['training_memory_mib']:.0f} "
+            f"| {r.get('training_memory_x', math.nan):.2f} | {r['final_train_loss']:.3f} | {r['heldout_loss']:.4f} "
             f"| {r['mfu']:.1%} |"
         )
     return "\n".join(lines)

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from benchmarks.common import (
 )
 
 BASELINE = "cookbook"
-LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+LORA = dict(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")  # + each row's lora_dropout
 CONFIGS: dict[str, BenchConfig] = {c.name: c for c in (
     BenchConfig("cookbook", "Cookbook sample_finetune.py: text, loss on every token, BFD packing, grad. checkpointing",
                 text_field=True, packing=True),
@@ -54,9 +53,11 @@ CONFIGS: dict[str, BenchConfig] = {c.name: c for c in (
                 assistant_only_loss=True, packing=True, compact_head=True),
     BenchConfig("micro-batch", "baseline data as padded micro-batches of one conversation + gradient accumulation",
                 text_field=True, micro_batch=1),
+    BenchConfig("no-dropout", "baseline with LoRA dropout 0 (peft then keeps no dropped copy of each input)",
+                text_field=True, packing=True, lora_dropout=0.0),
     BenchConfig("defaults", "the series' defaults: assistant-only loss, one conversation per micro-batch "
-                "(gradient accumulation), compact head, no checkpointing", assistant_only_loss=True,
-                compact_head=True, gradient_checkpointing=False, micro_batch=1),
+                "(gradient accumulation), compact head, no checkpointing, LoRA dropout 0", assistant_only_loss=True,
+                compact_head=True, gradient_checkpointing=False, micro_batch=1, lora_dropout=0.0),
 )}
 
 
@@ -157,6 +158,9 @@ def run_worker(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
         train, heldout = stored["train"][:n_train], stored["heldout"][: args.heldout]
     else:
         train, heldout = benchmark_split(tokenizer, n_train, args.heldout, args.max_tokens, seed=args.seed)
+    # The untrained model's held-out loss: the "before" of every row, and it touches every weight, so the
+    # memory measured before training includes the whole model (safetensors weights are paged in lazily).
+    heldout_before = heldout_loss(model, tokenizer, heldout)
     if config.text_field:
         dataset = Dataset.from_list([{"text": tokenizer.apply_chat_template(m, tokenize=False)} for m in train])
     else:
@@ -186,14 +190,16 @@ def run_worker(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
         use_cpu=not cuda, bf16=cuda, **config.sft_kwargs(),
     )
     trainer = SFTTrainer(model=model, args=sft, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=LoraConfig(**LORA))
+                         peft_config=LoraConfig(**LORA, lora_dropout=config.lora_dropout))
     if config.varlen_sdpa and "flash" not in model.config._attn_implementation:  # flash-attention is varlen already
         use_varlen_sdpa(trainer.model)
     counter = CountingCollator(trainer.data_collator)
     trainer.data_collator = counter
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # What training adds: above CUDA allocated memory (GPU), or above the process's peak so far (CPU: the
+    # libraries, the model and one held-out pass), which every row pays alike.
+    memory_before = (torch.cuda.memory_allocated() if cuda else peak_memory_bytes()) / 2**20
     with score_only_labelled_positions() if config.compact_head else nullcontext():
         if cuda:
             torch.cuda.synchronize()
@@ -208,11 +214,11 @@ def run_worker(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
     return dict(
         config=config.name, what=config.what, settings=config_dict(config), steps=trainer.state.global_step,
         batch_size=batch_size, gradient_accumulation_steps=accumulation, max_length=rows,
-        peak_rss_before_training_mib=rss_before, wall_s=wall, real_tokens=c.real, positions=c.positions,
+        memory_before_training_mib=memory_before, training_memory_mib=peak - memory_before, wall_s=wall, real_tokens=c.real, positions=c.positions,
         labelled_tokens=c.labelled, padding_fraction=1 - c.real / c.positions, tokens_per_s=c.real / wall,
         peak_memory_mib=peak, peak_memory_kind="CUDA max allocated" if cuda else "process peak RSS",
         final_train_loss=losses[-1], train_losses=losses,
-        heldout_loss=heldout_loss(trainer.model, tokenizer, heldout), flops=model_flops(model.config, c),
+        heldout_loss=heldout_loss(trainer.model, tokenizer, heldout), heldout_loss_before=heldout_before, flops=model_flops(model.config, c),
         conversations=len(train), conversation_lengths=c.lengths, quantize=args.quantize,
         attn_implementation=trainer.model.config._attn_implementation,
     )
@@ -311,8 +317,11 @@ def main(argv: list[str] | None = None) -> None:
     ratios(rows, BASELINE)
     print()
     print(format_table(rows))
-    print(f"\nx base: ratio to `{BASELINE}`. Peak memory: "
-          f"{'CUDA max allocated' if cuda else 'process peak RSS'}. conv tok/s: conversation (non-padding) tokens "
+    before = sorted({round(r["heldout_loss_before"], 4) for r in rows if "error" not in r})
+    print(f"\nHeld-out loss before training: {', '.join(f'{b:.4f}' for b in before)} (the start of every row).")
+    print(f"x base: ratio to `{BASELINE}`. Peak memory: "
+          f"{'CUDA max allocated' if cuda else 'process peak RSS'}; +train MiB: what training adds above the "
+          "loaded model (and one held-out pass), which every row pays alike. conv tok/s: conversation (non-padding) tokens "
           "through forward and backward per second of training. Held-out loss: per assistant token on held-out "
           "conversations.")
     for row in rows:

@@ -96,3 +96,16 @@ def test_benchmark_configurations_change_one_thing_from_their_reference():
     defaults = CONFIGS["defaults"]
     assert defaults.sft_kwargs()["assistant_only_loss"] and defaults.compact_head and defaults.micro_batch == 1
     assert not defaults.gradient_checkpointing and CONFIGS["varlen-sdpa"].varlen_sdpa
+    assert base.lora_dropout == 0.05 and CONFIGS["no-dropout"].lora_dropout == 0.0
+
+
+def test_the_benchmarked_defaults_are_what_notebooks_03_and_04_train_with():
+    from utils.training import peft_config, training_config
+
+    cpu, defaults = training_config("cpu"), CONFIGS["defaults"]
+    assert cpu["per_device_train_batch_size"] == defaults.micro_batch
+    assert cpu["activation_checkpointing"] == defaults.gradient_checkpointing
+    assert cpu["assistant_only_loss"] == defaults.assistant_only_loss and not cpu["packing"]
+    assert peft_config()["lora_dropout"] == defaults.lora_dropout
+    # the benchmark's 4-conversation step is the profile's micro-batch x accumulation
+    assert cpu["per_device_train_batch_size"] * cpu["gradient_accumulation_steps"] == 4
