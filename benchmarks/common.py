@@ -24,6 +24,7 @@ class BenchConfig:
     padding_free: bool = False  # one row per batch, no padding (without packing)
     group_by_length: bool = False  # batches of similar lengths (padded batches)
     gradient_checkpointing: bool = True  # trl's default, and the Cookbook's
+    checkpoint_every_n_layers: int = 1  # with checkpointing: recompute only every n-th decoder layer (transformers 5)
     varlen_sdpa: bool = False  # utils.speed: SDPA per conversation in padding-free rows
     compact_head: bool = False  # utils.speed: the LM head scores only labelled positions (CPU)
     pad_max_length: int = 512  # truncation length of padded batches (the Cookbook QLoRA notebook: 512)
@@ -46,6 +47,8 @@ class BenchConfig:
             kwargs["dataset_text_field"] = "text"
         if self.gradient_checkpointing:
             kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+            if self.checkpoint_every_n_layers > 1:
+                kwargs["gradient_checkpointing_kwargs"]["every_n_layers"] = self.checkpoint_every_n_layers
         if self.liger:
             kwargs["use_liger_kernel"] = True
         return kwargs

@@ -95,7 +95,9 @@ def test_benchmark_configurations_change_one_thing_from_their_reference():
     assert not CONFIGS["no-checkpointing"].gradient_checkpointing
     defaults = CONFIGS["defaults"]
     assert defaults.sft_kwargs()["assistant_only_loss"] and defaults.compact_head and defaults.micro_batch == 1
-    assert not defaults.gradient_checkpointing and CONFIGS["varlen-sdpa"].varlen_sdpa
+    assert defaults.gradient_checkpointing and defaults.checkpoint_every_n_layers == 3
+    assert not CONFIGS["defaults-no-ckpt"].gradient_checkpointing and CONFIGS["varlen-sdpa"].varlen_sdpa
+    assert defaults.sft_kwargs()["gradient_checkpointing_kwargs"] == {"use_reentrant": False, "every_n_layers": 3}
     assert base.lora_dropout == 0.05 and CONFIGS["no-dropout"].lora_dropout == 0.0
 
 
@@ -105,6 +107,7 @@ def test_the_benchmarked_defaults_are_what_notebooks_03_and_04_train_with():
     cpu, defaults = training_config("cpu"), CONFIGS["defaults"]
     assert cpu["per_device_train_batch_size"] == defaults.micro_batch
     assert cpu["activation_checkpointing"] == defaults.gradient_checkpointing
+    assert cpu["activation_checkpointing_kwargs"] == defaults.sft_kwargs()["gradient_checkpointing_kwargs"]
     assert cpu["assistant_only_loss"] == defaults.assistant_only_loss and not cpu["packing"]
     assert peft_config()["lora_dropout"] == defaults.lora_dropout
     # the benchmark's 4-conversation step is the profile's micro-batch x accumulation

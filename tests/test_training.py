@@ -16,7 +16,8 @@ from utils.paths import REPO_ROOT
 def test_cpu_and_gpu_profiles_differ_where_the_hardware_does():
     cpu, gpu = training.training_config("cpu"), training.training_config("gpu")
     assert set(cpu) == set(gpu)
-    assert (cpu["use_cpu"], cpu["bf16"], cpu["fp16"], cpu["activation_checkpointing"]) == (True, False, False, False)
+    assert (cpu["use_cpu"], cpu["bf16"], cpu["fp16"], cpu["activation_checkpointing"]) == (True, False, False, True)
+    assert cpu["activation_checkpointing_kwargs"]["every_n_layers"] == 3  # a third of the layers recomputed
     assert (gpu["use_cpu"], gpu["bf16"], gpu["fp16"], gpu["activation_checkpointing"]) == (False, True, False, True)
     assert training.training_config("gpu", "qlora")["optim"] == "paged_adamw_8bit"
     assert training.training_config("cpu", "qlora")["optim"] == "adamw_torch"

@@ -171,9 +171,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, tokenizer = load_model_and_tokenizer(settings.get("model"), quantization_config=quantization,
                                                 verbose=rank == 0)
     if quantization is not None:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=bool(config["activation_checkpointing"]),
-            gradient_checkpointing_kwargs=config["activation_checkpointing_kwargs"])
+        # Checkpointing is left to the Trainer, which applies training_config's activation_checkpointing_kwargs
+        # (every_n_layers included: peft would hand that key to torch.utils.checkpoint, which refuses it).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = add_lora_adapter(model, lora, seed=config["seed"])
     if config.get("max_length"):  # cut long conversations at a turn boundary, not mid-reply
         train_rows, report = fit_to_length(train_rows, tokenizer, config["max_length"])
