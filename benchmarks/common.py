@@ -141,10 +141,10 @@ def ratios(rows: list[dict[str, Any]], baseline: str) -> None:
     for row in rows:
         if base is None or "error" in row:
             continue
-        row["tokens_per_s_x"] = row["tokens_per_s"] / base["tokens_per_s"]
-        row["peak_memory_x"] = row["peak_memory_mib"] / base["peak_memory_mib"]
-        row["training_memory_x"] = row["training_memory_mib"] / base["training_memory_mib"]
-        row["wall_x"] = row["wall_s"] / base["wall_s"]
+        for key in ("tokens_per_s", "peak_memory", "training_memory", "wall"):
+            field = key if key == "tokens_per_s" else f"{key}_s" if key == "wall" else f"{key}_mib"
+            # a tiny model can train inside memory the process already had: nothing to divide by
+            row[f"{key}_x"] = row[field] / base[field] if base[field] > 0 else math.nan
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -162,9 +162,12 @@ def run_worker(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
         train, heldout = stored["train"][:n_train], stored["heldout"][: args.heldout]
     else:
         train, heldout = benchmark_split(tokenizer, n_train, args.heldout, args.max_tokens, seed=args.seed)
-    # The untrained model's held-out loss: the "before" of every row, and it touches every weight, so the
-    # memory measured before training includes the whole model (safetensors weights are paged in lazily).
-    heldout_before = heldout_loss(model, tokenizer, heldout)
+    # Safetensors weights are paged in lazily: read every one now, so that the memory measured before
+    # training includes the whole model. (Not a held-out pass: its activations would stay in the allocator
+    # and count as "before" for every row; the untrained loss is measured after training instead.)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.sum()
     if config.text_field:
         dataset = Dataset.from_list([{"text": tokenizer.apply_chat_template(m, tokenize=False)} for m in train])
     else:
@@ -202,7 +205,7 @@ def run_worker(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     # What training adds: above CUDA allocated memory (GPU), or above the process's peak so far (CPU: the
-    # libraries, the model and one held-out pass), which every row pays alike.
+    # libraries and the model), which every row pays alike.
     memory_before = (torch.cuda.memory_allocated() if cuda else peak_memory_bytes()) / 2**20
     with score_only_labelled_positions() if config.compact_head else nullcontext():
         if cuda:
@@ -213,6 +216,8 @@ def run_worker(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
             torch.cuda.synchronize()
         wall = time.perf_counter() - start
     peak = peak_memory_bytes() / 2**20  # CUDA max allocated on a GPU, peak RSS on the CPU
+    with trainer.model.disable_adapter():  # LoRA's B starts at zero: without the adapter = before training
+        heldout_before = heldout_loss(trainer.model, tokenizer, heldout)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     c = counter.counts
     return dict(
@@ -295,6 +300,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{peak / 1e9:.1f} GFLOP/s")
     print(f"Model {args.model}; {args.steps} steps x {args.batch_size} chitchat conversations (<= {args.max_tokens} "
           f"tokens), {args.heldout} held-out; seed {args.seed}; torch threads {args.threads}\n")
+    from utils.models import model_source, resolve_model_name
+
+    model_source(resolve_model_name(args.model))  # builds an embedded model (once) outside the measured rows
     rows = []
     for name in args.configs:
         runs = []
@@ -325,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nHeld-out loss before training: {', '.join(f'{b:.4f}' for b in before)} (the start of every row).")
     print(f"x base: ratio to `{BASELINE}`. Peak memory: "
           f"{'CUDA max allocated' if cuda else 'process peak RSS'}; +train MiB: what training adds above the "
-          "loaded model (and one held-out pass), which every row pays alike. conv tok/s: conversation (non-padding) tokens "
+          "loaded model, which every row pays alike. conv tok/s: conversation (non-padding) tokens "
           "through forward and backward per second of training. Held-out loss: per assistant token on held-out "
           "conversations.")
     for row in rows:

@@ -112,3 +112,34 @@ def test_the_benchmarked_defaults_are_what_notebooks_03_and_04_train_with():
     assert peft_config()["lora_dropout"] == defaults.lora_dropout
     # the benchmark's 4-conversation step is the profile's micro-batch x accumulation
     assert cpu["per_device_train_batch_size"] * cpu["gradient_accumulation_steps"] == 4
+
+
+def test_benchmark_end_to_end_on_the_tiny_model(tmp_path, capsys):
+    """Two rows through the real command: the table, the ratios, and a "before" loss measured without the adapter
+    that matches the untrained model's held-out loss computed independently here."""
+    import json
+
+    from benchmarks.chitchat import benchmark_split
+    from benchmarks.train_speed import heldout_loss, main
+    from utils.models import load_model_and_tokenizer
+
+    output = tmp_path / "bench.json"
+    main(["--model", "tiny", "--configs", "cookbook", "defaults", "--steps", "1", "--batch-size", "2",
+          "--heldout", "2", "--max-tokens", "128", "--threads", "1", "--output", str(output)])
+    printed = capsys.readouterr().out
+    assert "| cookbook |" in printed and "| defaults |" in printed
+    result = json.loads(output.read_text())
+    rows = {row["config"]: row for row in result["rows"]}
+    assert set(rows) == {"cookbook", "defaults"} and not any("error" in row for row in rows.values())
+    assert rows["cookbook"]["tokens_per_s_x"] == 1.0 and rows["cookbook"]["peak_memory_x"] == 1.0
+    assert rows["defaults"]["gradient_accumulation_steps"] == 2 and rows["defaults"]["steps"] == 1
+    assert rows["defaults"]["labelled_tokens"] < rows["cookbook"]["labelled_tokens"]  # assistant tokens only
+    # the same conversations; trl appends an EOS token to each rendered text of the baseline
+    assert rows["cookbook"]["real_tokens"] - rows["defaults"]["real_tokens"] == rows["cookbook"]["conversations"]
+
+    model, tokenizer = load_model_and_tokenizer("tiny", verbose=False)
+    _, heldout = benchmark_split(tokenizer, 2, 2, 128, seed=0)
+    untrained = heldout_loss(model, tokenizer, heldout)
+    for row in rows.values():
+        assert row["heldout_loss_before"] == pytest.approx(untrained, rel=1e-5)
+        assert row["heldout_loss"] != pytest.approx(untrained, rel=1e-7)  # one step of training moved it
