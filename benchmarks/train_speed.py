@@ -1,6 +1,6 @@
 """Training speed against the Phi-3 Cookbook's configuration: ``python -m benchmarks.train_speed``.
 
-Every configuration trains the same model (LoRA r=16, alpha=32, dropout 0.05, all linear layers)
+Every configuration trains the same model (LoRA r=16, alpha=32, all linear layers; dropout as each row says)
 on the same multi-turn chitchat conversations for one epoch in the same number of optimizer steps,
 each in its own process, with a fixed seed and a fixed thread count. The table reports wall time,
 conversation tokens/s (real tokens through forward and backward: the headline), loss-bearing
