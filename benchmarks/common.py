@@ -135,16 +135,20 @@ def matmul_peak_flops(dtype: torch.dtype, device: str, size: int = 2048, seconds
     return 2 * size**3 / best
 
 
+# ratio key written by ``ratios`` -> the measured field it divides by the baseline's
+RATIO_FIELDS = {"tokens_per_s_x": "tokens_per_s", "peak_memory_x": "peak_memory_mib",
+                "training_memory_x": "training_memory_mib", "wall_x": "wall_s"}
+
+
 def ratios(rows: list[dict[str, Any]], baseline: str) -> None:
     """Add ``*_x`` ratios against the ``baseline`` row to every row, in place."""
     base = next((r for r in rows if r["config"] == baseline and "error" not in r), None)
     for row in rows:
         if base is None or "error" in row:
             continue
-        for key in ("tokens_per_s", "peak_memory", "training_memory", "wall"):
-            field = key if key == "tokens_per_s" else f"{key}_s" if key == "wall" else f"{key}_mib"
+        for ratio, field in RATIO_FIELDS.items():
             # a tiny model can train inside memory the process already had: nothing to divide by
-            row[f"{key}_x"] = row[field] / base[field] if base[field] > 0 else math.nan
+            row[ratio] = row[field] / base[field] if base[field] > 0 else math.nan
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

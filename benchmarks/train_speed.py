@@ -287,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     import torch
 
+    from utils.models import model_source, resolve_model_name
     from utils.paths import artifact
 
     torch.set_num_threads(args.threads)
@@ -300,8 +301,6 @@ def main(argv: list[str] | None = None) -> None:
           f"{peak / 1e9:.1f} GFLOP/s")
     print(f"Model {args.model}; {args.steps} steps x {args.batch_size} chitchat conversations (<= {args.max_tokens} "
           f"tokens), {args.heldout} held-out; seed {args.seed}; torch threads {args.threads}\n")
-    from utils.models import model_source, resolve_model_name
-
     model_source(resolve_model_name(args.model))  # builds an embedded model (once) outside the measured rows
     rows = []
     for name in args.configs:
