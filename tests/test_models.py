@@ -246,3 +246,80 @@ def test_failed_build_leaves_nothing_behind(tmp_path):
             raise RuntimeError("crash mid-build")
     assert not target.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+# --- the GPU decisions, on this CPU machine -------------------------------------------------
+
+def _fake_gpu(monkeypatch, major: int, name: str, memory_gib: float, count: int = 1) -> None:
+    """Make torch report a CUDA GPU of compute capability ``major`` (nothing runs on it)."""
+    props = type("Props", (), {"name": name, "major": major, "minor": 5, "total_memory": int(memory_gib * 2**30)})()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=0: props)
+    # On a real T4 a bf16 tensor *can* be created (emulation): that is what fooled the old check.
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)
+
+
+def test_a_t4_gets_fp16_not_emulated_bf16(monkeypatch):
+    _fake_gpu(monkeypatch, major=7, name="Tesla T4", memory_gib=15.0)
+    hardware = models.detect_hardware()
+    assert hardware.bf16 is False and hardware.gpu_memory_gib == pytest.approx(15.0)
+    plan = plan_loading(hardware)
+    assert plan.dtype == torch.float16 and "fp16" in plan.reason and plan.device_map == {"": 0}
+
+
+def test_an_ampere_gpu_gets_bf16_and_counts_its_gpus(monkeypatch):
+    _fake_gpu(monkeypatch, major=8, name="NVIDIA A100", memory_gib=39.4, count=2)
+    hardware = models.detect_hardware()
+    assert hardware.bf16 is True and hardware.gpu_count == 2
+    assert plan_loading(hardware).dtype == torch.bfloat16
+
+
+def test_each_rank_loads_onto_its_own_gpu_and_sharding_engines_place_weights_themselves(monkeypatch):
+    gpu = Hardware(cuda=True, gpu_name="GPU", bf16=True, gpu_memory_gib=80)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert plan_loading(gpu).device_map == {"": 1}
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert plan_loading(gpu).device_map is None
+    assert plan_loading(Hardware(cuda=False)).device_map is None
+
+
+def test_sharded_qlora_stores_4bit_weights_in_the_compute_dtype(monkeypatch):
+    assert models.nf4_config(torch.bfloat16).bnb_4bit_quant_storage == torch.uint8  # bitsandbytes' default
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    config = models.nf4_config(torch.bfloat16)
+    assert config.bnb_4bit_quant_storage == torch.bfloat16 and config.bnb_4bit_use_double_quant
+
+
+def test_the_full_size_stand_in_has_phi3_minis_published_size():
+    choice = resolve_model_name("phi3-mini-random")
+    assert choice.is_builtin and "random" in models.MODEL_CHOICES[choice.name]
+    with torch.device("meta"):
+        model = Phi3ForCausalLM(models.phi3_mini_config())
+    assert sum(p.numel() for p in model.parameters()) == 3_821_079_552  # microsoft/Phi-3-mini-4k-instruct
+    assert model.model.layers[0].self_attn.qkv_proj.out_features == 3 * 3072
+
+
+@pytest.mark.parametrize("dtype, same, expected", [
+    (torch.float32, True, 1e-5), (torch.float32, False, 1e-4), (torch.float16, True, 1e-2), (torch.bfloat16, True, 3e-2),
+])
+def test_logit_tolerance_follows_the_dtype(dtype, same, expected):
+    from utils.runtime import logit_tolerance
+
+    assert logit_tolerance(dtype, same_kernels=same) == expected
+
+
+def test_logit_tolerance_holds_for_a_real_bf16_recomputation():
+    """Two summation orders of the same product in bf16 stay within the bf16 tolerance, not within fp32's."""
+    from utils.runtime import logit_tolerance
+
+    torch.manual_seed(0)
+    w, b, a = torch.randn(64, 64), torch.randn(64, 4) * 0.05, torch.randn(4, 64) * 0.05
+    x = torch.randn(8, 64)
+    for dtype in (torch.bfloat16, torch.float32):
+        merged = x.to(dtype) @ (w + b @ a).to(dtype).T
+        separate = x.to(dtype) @ w.to(dtype).T + (x.to(dtype) @ a.to(dtype).T) @ b.to(dtype).T
+        error = (merged - separate).abs().max().float() / merged.abs().max().float()
+        assert error <= logit_tolerance(dtype, same_kernels=False)
+    assert error > 0  # fp32 rounds too, just less

@@ -217,7 +217,8 @@ def test_the_script_reads_any_supported_format_with_the_strict_loader(tmp_path):
         load_rows(broken, "train", limit=None)
 
 
-def test_train_scores_only_labelled_positions_on_the_cpu_and_restores_trl(tiny_model, tmp_path):
+def test_train_leaves_trl_private_names_alone(tiny_model, tmp_path):
+    """train() must not patch library internals: trl's device test is the same during and after a run."""
     import copy
 
     import torch
@@ -226,11 +227,11 @@ def test_train_scores_only_labelled_positions_on_the_cpu_and_restores_trl(tiny_m
 
     from utils.models import load_tokenizer
 
-    seen = []
+    original, seen = trl_utils._use_triton, []
 
     class Probe(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            seen.append(trl_utils._use_triton(torch.device("cpu")))
+            seen.append(trl_utils._use_triton is original and trl_utils._use_triton(torch.device("cpu")))
 
     rows = [{"messages": [{"role": "user", "content": f"Question {i}?"},
                           {"role": "assistant", "content": f"Answer number {i}."}]} for i in range(4)]
@@ -239,5 +240,101 @@ def test_train_scores_only_labelled_positions_on_the_cpu_and_restores_trl(tiny_m
                                       save_strategy="no", logging_steps=1, disable_tqdm=True, max_length=64)
     result = training.train(model, load_tokenizer("tiny"), rows, None, config, adapter_dir=tmp_path / "adapter",
                             callbacks=[Probe()])
-    assert seen == [True] and result.metrics["steps"] == 1  # the compact LM head was on during training
-    assert trl_utils._use_triton(torch.device("cpu")) is False  # and trl is as it was afterwards
+    assert seen == [False] and result.metrics["steps"] == 1
+    assert trl_utils._use_triton is original
+
+
+# --- the schedule: steps, evaluations, checkpoints ---------------------------------------------------
+
+@pytest.mark.parametrize("conversations, batch, accumulation, epochs, world", [
+    (303, 4, 4, 2, 1),  # the GPU profile on the shipped split
+    (303, 1, 4, 1, 1),
+    (10, 4, 4, 3, 1),  # fewer batches than one accumulation
+    (301, 2, 8, 1, 2),  # two ranks
+    (7, 1, 4, 1.5, 1),  # a fractional epoch count
+])
+def test_optimizer_steps_equal_the_trainers_own_count(conversations, batch, accumulation, epochs, world, tmp_path):
+    """Our step arithmetic against transformers' Trainer, which computes max_steps itself."""
+    import math
+
+    from transformers import Trainer, TrainingArguments
+
+    config = {"per_device_train_batch_size": batch, "gradient_accumulation_steps": accumulation,
+              "num_train_epochs": epochs, "max_steps": -1}
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", **config)
+    # With two ranks each rank's dataloader holds ceil(n / (batch x world)) batches (checked by arithmetic only:
+    # one process cannot run two ranks here); with one, a real Trainer counts its own max_steps.
+    batches = math.ceil(conversations / (batch * world))
+    steps = training.optimizer_steps(conversations, config, world_size=world)
+    if world == 1:
+        import torch
+        from datasets import Dataset
+
+        class Counter(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.w = torch.nn.Parameter(torch.zeros(1))
+
+            def forward(self, x, labels=None):
+                return {"loss": (self.w * x.float()).sum()}
+
+        seen = {}
+
+        from transformers import TrainerCallback
+
+        class Spy(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                seen["max_steps"] = state.max_steps
+                control.should_training_stop = True
+
+        data = Dataset.from_dict({"x": [1] * conversations, "labels": [0] * conversations})
+        Trainer(model=Counter(), args=args, train_dataset=data, callbacks=[Spy()]).train()
+        assert steps == seen["max_steps"]
+    else:
+        assert steps == math.ceil(math.ceil(batches / accumulation) * epochs)
+
+
+@pytest.mark.parametrize("total, evaluations", [(38, 10), (30, 4), (3, 8), (1000, 10)])
+def test_training_cadence_spreads_evaluations_over_the_run(total, evaluations):
+    cadence = training.training_cadence(total, evaluations=evaluations, log_lines=20)
+    eval_points = [step for step in range(1, total + 1) if step % cadence["eval_steps"] == 0]
+    wanted = min(evaluations, total)
+    assert wanted - 1 <= len(eval_points) <= wanted and cadence["save_steps"] == cadence["eval_steps"]
+    assert 1 <= total // cadence["logging_steps"] <= 20
+
+
+def test_gpu_profile_on_the_shipped_split_evaluates_along_the_way():
+    """The old fixed intervals (eval 50, save 100) gave a 38-step GPU run no evaluation between start and end."""
+    from utils.data import load_split
+    from utils.models import Hardware
+
+    a100 = Hardware(cuda=True, gpu_name="A100", bf16=True, gpu_memory_gib=39.4)
+    rows = load_split("train")
+    config = training.training_config("gpu", "lora", hardware=a100, num_train_conversations=len(rows))
+    steps = training.optimizer_steps(len(rows), config)
+    assert steps == 38  # 303 conversations, 2 epochs of 16 per step
+    along_the_way = [s for s in range(1, steps) if s % config["eval_steps"] == 0]
+    assert len(along_the_way) >= 8 and config["save_steps"] == config["eval_steps"] <= steps
+
+
+@pytest.mark.parametrize("memory_gib, batch, checkpointing", [
+    (15.0, 4, True),  # T4: Phi-3-mini LoRA in fp16 fits with recomputation
+    (79.2, 4, False),  # 80 GB: no recomputation needed
+])
+def test_gpu_batch_follows_the_cards_memory_at_16_per_step(memory_gib, batch, checkpointing):
+    from utils.models import Hardware
+
+    card = Hardware(cuda=True, gpu_name="GPU", bf16=False, gpu_memory_gib=memory_gib)
+    config = training.training_config("gpu", "lora", hardware=card)
+    assert config["per_device_train_batch_size"] * config["gradient_accumulation_steps"] == training.EFFECTIVE_BATCH
+    assert (config["per_device_train_batch_size"], config["activation_checkpointing"]) == (batch, checkpointing)
+
+
+def test_one_process_on_several_gpus_is_refused_not_wrapped_in_data_parallel():
+    from transformers.training_args import ParallelMode
+
+    several = type("Args", (), {"parallel_mode": ParallelMode.NOT_DISTRIBUTED, "n_gpu": 2})()
+    with pytest.raises(RuntimeError, match="DataParallel.*CUDA_VISIBLE_DEVICES=0"):
+        training.refuse_data_parallel(several)
+    for mode in (ParallelMode.NOT_PARALLEL, ParallelMode.DISTRIBUTED):
+        training.refuse_data_parallel(type("Args", (), {"parallel_mode": mode, "n_gpu": 1})())

@@ -5,6 +5,8 @@ Names:
 * ``tiny``      a random ~4M-parameter ``Phi3ForCausalLM`` with the real Phi-3 tokenizer (tests);
 * ``smol``      SmolLM2-135M-Instruct converted exactly into Phi-3's layout (the CPU demo);
 * ``phi3-mini`` ``microsoft/Phi-3-mini-4k-instruct``, the real target (GPU);
+* ``phi3-mini-random`` Phi-3-mini's exact architecture and size with random weights and the real tokenizer:
+  a stand-in that exercises the GPU path at full size and memory where the Hub cannot be reached;
 * ``auto``      ``phi3-mini`` when a CUDA GPU is present, ``smol`` otherwise;
 * any other Hugging Face hub id or local folder holding a Phi-3 checkpoint.
 
@@ -49,6 +51,7 @@ MODEL_CHOICES: dict[str, str] = {
     "tiny": "random ~4M-parameter Phi-3 with the real Phi-3 tokenizer (tests, seconds)",
     "smol": "SmolLM2-135M-Instruct converted into Phi-3's layout (CPU demo, real answers)",
     "phi3-mini": f"{PHI3_MINI_ID}, the real 3.8B target (GPU)",
+    "phi3-mini-random": "Phi-3-mini's architecture and size, random weights, real tokenizer (GPU checks, no Hub)",
 }
 PHI3_SPECIAL_TOKENS = {"<|endoftext|>": 32000, "<|assistant|>": 32001, "<|system|>": 32006,
                        "<|end|>": 32007, "<|user|>": 32010}
@@ -73,6 +76,8 @@ PHI3_MINI_CONFIG: dict[str, Any] = dict(
 _TINY_DIR = "tiny-phi3-v1"
 _SMOL_DIR = "smol-phi3-v1"
 _PHI3_TOKENIZER_DIR = "phi3-tokenizer-v1"
+_PHI3_RANDOM_DIR = "phi3-mini-random-v1"
+BUILTIN_MODELS = ("tiny", "smol", "phi3-mini-random")  # built offline into the cache, never downloaded
 _TEMPLATES = Path(__file__).parent / "chat_templates"
 
 
@@ -87,41 +92,49 @@ class ModelChoice:
     @property
     def is_builtin(self) -> bool:
         """True for the embedded models that are built offline (tiny, smol)."""
-        return self.name in ("tiny", "smol")
+        return self.name in BUILTIN_MODELS
 
 
 @dataclass(frozen=True)
 class Hardware:
-    """What the machine offers for training: CUDA, bf16 support, flash-attention."""
+    """What the machine offers for training: CUDA, native bf16, flash-attention, memory and GPU count."""
 
     cuda: bool
     gpu_name: str | None = None
-    bf16: bool = False
+    bf16: bool = False  # native bf16 units (compute capability 8.0+: A100, L4, H100, RTX 30xx/40xx); not emulation
     flash_attn: bool = False
     gpu_memory_gib: float | None = None
+    gpu_count: int = 0
 
 
 @dataclass(frozen=True)
 class LoadPlan:
-    """How to load a model on this hardware."""
+    """How to load a model on this hardware: the values to hand to ``from_pretrained``."""
 
     device: str
     dtype: torch.dtype
     attn_implementation: str
     reason: str
+    device_map: dict[str, int] | None = None  # {"": rank} on a GPU; None on a CPU and under FSDP/DeepSpeed
 
 
 def detect_hardware() -> Hardware:
-    """Inspect the machine: CUDA GPU, bf16 support, and whether flash-attn is importable."""
+    """Inspect the machine: CUDA GPU, native bf16, whether flash-attn is importable, memory and GPU count.
+
+    ``torch.cuda.is_bf16_supported()`` also says True where bf16 is only *emulated* (T4, V100): slow, and not
+    what mixed precision wants. Only native support (compute capability 8.0 and newer) counts here; the
+    others train in fp16 with loss scaling.
+    """
     if not torch.cuda.is_available():
         return Hardware(cuda=False)
     props = torch.cuda.get_device_properties(0)
     return Hardware(
         cuda=True,
         gpu_name=props.name,
-        bf16=torch.cuda.is_bf16_supported(),
-        flash_attn=importlib.util.find_spec("flash_attn") is not None,
+        bf16=torch.cuda.is_bf16_supported(including_emulation=False),
+        flash_attn=importlib.util.find_spec("flash_attn") is not None and props.major >= 8,
         gpu_memory_gib=props.total_memory / 2**30,
+        gpu_count=torch.cuda.device_count(),
     )
 
 
@@ -135,8 +148,9 @@ def resolve_model_name(name: str | None = None, *, cuda_available: bool | None =
         return ModelChoice("smol", _SMOL_DIR, "auto: no CUDA GPU, so the CPU-sized smol Phi-3 (SmolLM2-135M)")
     if name == "phi3-mini":
         return ModelChoice("phi3-mini", PHI3_MINI_ID, "asked for by name")
-    if name in ("tiny", "smol"):
-        return ModelChoice(name, _TINY_DIR if name == "tiny" else _SMOL_DIR, "asked for by name")
+    if name in BUILTIN_MODELS:
+        folder = {"tiny": _TINY_DIR, "smol": _SMOL_DIR, "phi3-mini-random": _PHI3_RANDOM_DIR}[name]
+        return ModelChoice(name, folder, "asked for by name")
     if "/" in name or Path(name).expanduser().is_dir():
         return ModelChoice(name, name, "a Hugging Face hub id or local folder given by name")
     valid = "\n".join(f"  {key:<10} {text}" for key, text in MODEL_CHOICES.items())
@@ -147,15 +161,21 @@ def resolve_model_name(name: str | None = None, *, cuda_available: bool | None =
 
 
 def plan_loading(hardware: Hardware) -> LoadPlan:
-    """Pick device, dtype and attention: bf16 if the GPU has it else fp16; flash-attention 2 if installed."""
+    """Pick device, dtype and attention: bf16 if the GPU has it natively, else fp16; flash-attention 2 if usable.
+
+    On a GPU each process loads onto its own device (``device_map={"": LOCAL_RANK}``); under FSDP or
+    DeepSpeed ZeRO-3 the engine places and shards the weights itself, so there is no device map.
+    """
     if not hardware.cuda:
         return LoadPlan("cpu", torch.float32, "sdpa",
                         "CPU: fp32 (bf16 is 10-400x slower on CPUs without bf16 units), PyTorch SDPA attention")
     dtype = torch.bfloat16 if hardware.bf16 else torch.float16
     attn = "flash_attention_2" if hardware.flash_attn else "sdpa"
-    why_dtype = "bf16 (the GPU supports it)" if hardware.bf16 else "fp16 (this GPU has no bf16)"
-    why_attn = "flash-attention 2 (flash_attn is installed)" if hardware.flash_attn else "SDPA (flash_attn not installed)"
-    return LoadPlan("cuda", dtype, attn, f"{hardware.gpu_name}: {why_dtype}, {why_attn}")
+    why_dtype = "bf16 (native on this GPU)" if hardware.bf16 else "fp16 with loss scaling (no native bf16 on this GPU)"
+    why_attn = ("flash-attention 2 (flash_attn is installed)" if hardware.flash_attn
+                else "SDPA (flash_attn not installed, or a GPU older than Ampere)")
+    device_map = None if sharded_by_accelerate() else {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return LoadPlan("cuda", dtype, attn, f"{hardware.gpu_name}: {why_dtype}, {why_attn}", device_map)
 
 
 def training_chat_template(tokenizer: PreTrainedTokenizerBase) -> str | None:
@@ -256,6 +276,47 @@ def build_smol_phi3() -> Path:
     return target
 
 
+def build_phi3_mini_random() -> Path:
+    """Build (once) Phi-3-mini's exact architecture with random weights and the real tokenizer; returns its folder.
+
+    A full-size stand-in for machines that cannot reach the Hub: the GPU path (memory, speed, every
+    notebook) runs at the real size. The weights are drawn from a fixed seed on the GPU when there is one
+    and stored in its compute dtype (bf16, or fp16 without native bf16): about 7.6 GB on disk.
+    """
+    target = cache_dir() / _PHI3_RANDOM_DIR
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    plan = plan_loading(detect_hardware())
+    if plan.device == "cpu":
+        logger.warning("Building the full-size random Phi-3-mini on a CPU: ~15 GB of memory and several minutes.")
+    tokenizer = AutoTokenizer.from_pretrained(build_phi3_tokenizer())
+    with torch.random.fork_rng(devices=[]), torch.device(plan.device):
+        torch.manual_seed(TINY_SEED)
+        model = Phi3ForCausalLM(phi3_mini_config()).to(plan.dtype)
+    model.generation_config.eos_token_id = [PHI3_SPECIAL_TOKENS["<|endoftext|>"], PHI3_SPECIAL_TOKENS["<|end|>"]]
+    model.generation_config.pad_token_id = PHI3_SPECIAL_TOKENS["<|endoftext|>"]
+    with atomic_directory(target) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    del model
+    return target
+
+
+def nf4_config(compute_dtype: torch.dtype | None = None) -> Any:
+    """QLoRA's 4-bit storage: NF4 with double quantisation; compute in fp32 on a CPU, bf16/fp16 on a GPU.
+
+    Under FSDP or DeepSpeed ZeRO-3 the 4-bit weights are stored in the compute dtype
+    (``bnb_4bit_quant_storage``): those engines shard only floating-point storage.
+    """
+    from transformers import BitsAndBytesConfig
+
+    if compute_dtype is None:
+        compute_dtype = plan_loading(detect_hardware()).dtype
+    extra = {"bnb_4bit_quant_storage": compute_dtype} if sharded_by_accelerate() else {}
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype, **extra)
+
+
 def sharded_by_accelerate() -> bool:
     """True when `accelerate launch` runs FSDP or DeepSpeed, which place the weights themselves."""
     return any(os.environ.get(flag, "").lower() in ("1", "true")
@@ -268,6 +329,8 @@ def model_source(choice: ModelChoice) -> str:
         return str(build_tiny_phi3())
     if choice.name == "smol":
         return str(build_smol_phi3())
+    if choice.name == "phi3-mini-random":
+        return str(build_phi3_mini_random())
     return choice.source
 
 
@@ -297,10 +360,8 @@ def load_model_and_tokenizer(
     kwargs: dict[str, Any] = dict(dtype=plan.dtype, attn_implementation=plan.attn_implementation)
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
-    if plan.device == "cuda" and not sharded_by_accelerate():
-        # One process per GPU under `accelerate launch` (DDP): each rank loads onto its own device.
-        # FSDP and DeepSpeed ZeRO-3 place and shard the weights themselves, so no device_map there.
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    if plan.device_map is not None:  # one process per GPU (DDP): each rank loads onto its own device
+        kwargs["device_map"] = plan.device_map
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     model.config.use_cache = not for_training
     if model.config.model_type != "phi3":

@@ -65,3 +65,35 @@ def torch_threads(count: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+# Relative tolerance for comparing the logits of two computations that are equal in exact arithmetic
+# (merged vs unmerged adapter, reloaded vs trained, PEFT vs loralib), by the dtype they ran in.
+# fp32 keeps ~7 significant digits, fp16 ~3, bf16 ~2: the difference of two roundings of logits of size ~20-40
+# grows with every layer they pass through. Another attention kernel (flash-attention vs SDPA) or another order of
+# the same additions (a merged W + BA vs W x + B A x) rounds differently again.
+_RELATIVE_LOGIT_TOLERANCE = {  # dtype name -> (same kernels, different kernels or summation order)
+    "float32": (1e-5, 1e-4),
+    "float16": (1e-2, 2e-2),
+    "bfloat16": (3e-2, 5e-2),
+}
+
+
+def logit_tolerance(dtype, same_kernels: bool = True) -> float:
+    """Relative tolerance for logits computed in ``dtype``: compare ``max|a - b| <= tol * max|a|``."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in _RELATIVE_LOGIT_TOLERANCE:
+        raise ValueError(f"No logit tolerance for dtype {dtype}; known: {sorted(_RELATIVE_LOGIT_TOLERANCE)}")
+    same, different = _RELATIVE_LOGIT_TOLERANCE[name]
+    return same if same_kernels else different
+
+
+def free_accelerator_memory() -> None:
+    """Return freed tensors' memory to the system: garbage-collect, then empty the CUDA cache on a GPU."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

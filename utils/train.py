@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from utils.models import nf4_config  # noqa: F401  (re-exported: the script's QLoRA storage, also used by notebooks)
 from utils.paths import LORA_ADAPTER, QLORA_ADAPTER, artifact
 
 logger = logging.getLogger("utils.train")
@@ -81,25 +82,33 @@ def load_rows(path: str | Path | None, split: str, limit: int | None) -> list[di
     return rows[:limit] if limit else rows
 
 
-def nf4_config(compute_dtype: Any | None = None):
-    """QLoRA's 4-bit storage: NF4 with double quantisation; compute in fp32 on the CPU, bf16/fp16 on a GPU."""
-    from transformers import BitsAndBytesConfig
+def full_tensor(parameter: Any) -> Any:
+    """The whole value of a parameter, also when FSDP2 (a DTensor) or DeepSpeed ZeRO-3 holds only a shard of it here.
 
-    if compute_dtype is None:
-        from utils.models import detect_hardware, plan_loading
+    Collective under sharding: every rank must call it, in the same order.
+    """
+    from torch.distributed.tensor import DTensor
 
-        compute_dtype = plan_loading(detect_hardware()).dtype
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype)
+    if isinstance(parameter, DTensor):
+        return parameter.full_tensor()
+    if hasattr(parameter, "ds_id"):  # a DeepSpeed ZeRO-3 parameter: gather it for the duration of the read
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([parameter]):
+            return parameter.data.clone()
+    return parameter
 
 
 def adapter_checksum(model: Any) -> str:
-    """A short hash of the trainable (adapter) weights: equal on every rank when DDP kept them in sync."""
+    """A short hash of the trainable (adapter) weights: equal on every rank when DDP/FSDP kept them in sync.
+
+    Sharded parameters (FSDP2 DTensors, ZeRO-3) are gathered first, so every rank hashes whole tensors.
+    """
     digest = hashlib.sha256()
     for name, parameter in sorted(model.named_parameters()):
         if parameter.requires_grad:
             digest.update(name.encode())
-            digest.update(parameter.detach().float().cpu().numpy().tobytes())
+            digest.update(full_tensor(parameter).detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -150,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from peft import prepare_model_for_kbit_training
 
     from utils.data import fit_to_length
-    from utils.models import load_model_and_tokenizer
+    from utils.models import detect_hardware, load_model_and_tokenizer, sharded_by_accelerate
     from utils.training import add_lora_adapter, peft_config, train, training_config
 
     settings = resolve_settings(build_parser().parse_args(argv))
@@ -158,21 +167,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if settings.get("threads"):
         torch.set_num_threads(int(settings["threads"]))
     method = settings["method"]
-    config = training_config(settings.get("profile"), method, run_name=settings.get("run_name"),
-                             **settings["training"])
+    train_rows = load_rows(settings.get("train_file"), "train", settings.get("train_limit"))
+    eval_rows = load_rows(settings.get("eval_file"), "validation", settings.get("eval_limit"))
+    hardware = detect_hardware()
+    config = training_config(settings.get("profile"), method, run_name=settings.get("run_name"), hardware=hardware,
+                             num_train_conversations=len(train_rows), world_size=world, **settings["training"])
     lora = peft_config(method, **settings["peft"])
     if rank == 0:
         print("training_config =", json.dumps(config, indent=1, default=str))
         print("peft_config =", json.dumps(lora, indent=1))
 
-    train_rows = load_rows(settings.get("train_file"), "train", settings.get("train_limit"))
-    eval_rows = load_rows(settings.get("eval_file"), "validation", settings.get("eval_limit"))
     quantization = nf4_config() if method == "qlora" else None
     model, tokenizer = load_model_and_tokenizer(settings.get("model"), quantization_config=quantization,
-                                                verbose=rank == 0)
-    if quantization is not None:
+                                                hardware=hardware, verbose=rank == 0)
+    if quantization is not None and not sharded_by_accelerate():
         # Checkpointing is left to the Trainer, which applies training_config's activation_checkpointing_kwargs
         # (every_n_layers included: peft would hand that key to torch.utils.checkpoint, which refuses it).
+        # Sharded QLoRA (FSDP, ZeRO-3) skips this step, as trl does: its fp32 upcast of the embeddings, the LM
+        # head and the norms would mix dtypes inside the flat shards those engines build.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = add_lora_adapter(model, lora, seed=config["seed"])
     if config.get("max_length"):  # cut long conversations at a turn boundary, not mid-reply

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from transformers import TrainerCallback
+
 from utils.memory import PHI3_LORA_TARGETS
 from utils.paths import CHECKPOINTS, artifact
 from utils.runtime import peak_memory_bytes
@@ -33,7 +35,10 @@ logger = logging.getLogger(__name__)
 PROFILES = ("cpu", "gpu")
 METHODS = ("lora", "qlora")
 BY_GPU = "bf16 if the GPU has it"  # placeholder in the GPU column, resolved by the hardware
-BY_MEMORY = "if the memory estimate needs it"  # placeholder: utils.memory decides from the GPU's memory
+BY_MEMORY = "from the GPU's memory"  # placeholder: utils.memory.plan_batch decides from the card's memory
+EFFECTIVE_BATCH = 16  # conversations per optimizer step on a GPU (micro-batch x accumulation), whatever the card
+# How often a run evaluates (and checkpoints) and logs, as counts per run: a CPU evaluation pass costs real time.
+CADENCE = {"cpu": {"evaluations": 4, "log_lines": 10}, "gpu": {"evaluations": 10, "log_lines": 25}}
 
 # --------------------------------------------------------------------------------------------------
 # The one source of every default: key -> (CPU value, GPU value, what it does and a sensible range).
@@ -49,11 +54,12 @@ TRAINING_PROFILES: dict[str, tuple[Any, Any, str]] = {
     "max_grad_norm": (1.0, 1.0, "clip the gradient norm to this (0.3..1.0) against loss spikes"),
     "optim": ("adamw_torch", "adamw_torch_fused", "optimiser; QLoRA on a GPU uses paged_adamw_8bit"),
     # Batch and length
-    "per_device_train_batch_size": (1, 4, "conversations per forward pass per device (1..16); CPU: one "
-                                          "conversation, no padding, least activation memory (benchmarks/)"),
+    "per_device_train_batch_size": (1, BY_MEMORY, "conversations per forward pass per device (1..16); CPU: one "
+                                                  "conversation, no padding, least activation memory (benchmarks/); "
+                                                  "GPU: the largest of 4, 2, 1 that fits the card"),
     "per_device_eval_batch_size": (8, 8, "conversations per evaluation pass (no gradients: can be larger)"),
-    "gradient_accumulation_steps": (4, 4, "passes summed per optimiser step; effective batch = batch x this x GPUs "
-                                          "(the loss is normalised over the whole step)"),
+    "gradient_accumulation_steps": (4, BY_MEMORY, "passes summed per optimiser step; effective batch = batch x this x "
+                                                  "GPUs (the loss is normalised over the whole step); GPU: 16 / batch"),
     "num_train_epochs": (1, 2, "passes over the training split (1..3 for instruction tuning)"),
     "max_steps": (-1, -1, "stop after this many optimiser steps; -1 = use num_train_epochs"),
     "max_length": (512, 2048, "tokens per conversation after truncation (Phi-3-mini-4k: up to 4096)"),
@@ -70,13 +76,13 @@ TRAINING_PROFILES: dict[str, tuple[Any, Any, str]] = {
                                         "every third layer: ~1/5 more time instead of ~1/2"),
     # Logging, evaluation, checkpoints
     "logging_strategy": ("steps", "steps", "when to log the training loss"),
-    "logging_steps": (5, 10, "log every N optimiser steps"),
+    "logging_steps": (5, 10, "log every N optimiser steps (set from the run's length by training_cadence)"),
     "logging_first_step": (True, True, "also log step 1, so the curve starts at the beginning"),
     "eval_strategy": ("steps", "steps", "evaluate the validation split every eval_steps ('no' to skip)"),
-    "eval_steps": (20, 50, "validation loss every N steps (each pass costs time)"),
+    "eval_steps": (20, 50, "validation loss every N steps (set from the run's length by training_cadence)"),
     "eval_on_start": (True, True, "validation loss before the first step: the 'before' number"),
     "save_strategy": ("steps", "steps", "when to write a resumable checkpoint"),
-    "save_steps": (20, 100, "checkpoint every N steps"),
+    "save_steps": (20, 50, "checkpoint every N steps (= eval_steps; the Trainer also saves the last step)"),
     "save_total_limit": (2, 3, "keep only the newest N checkpoints"),
     "include_num_input_tokens_seen": ("non_padding", "non_padding", "count real tokens, for tokens/s"),
     "report_to": ("none", "none", "experiment trackers (tensorboard, wandb, ...); none offline"),
@@ -118,32 +124,57 @@ def default_profile() -> str:
 
 
 def _gpu_has_bf16(hardware: Any | None) -> bool:
-    """bf16 support of the GPU in ``hardware``; without one, assume an Ampere-class GPU (A100, L4, H100)."""
+    """Native bf16 on the GPU in ``hardware``; without one to ask, assume an Ampere-class GPU (A100, L4, H100)."""
     if hardware is not None and getattr(hardware, "cuda", False):
         return bool(hardware.bf16)
     return True
 
 
-def _gpu_needs_checkpointing(hardware: Any | None, method: str, config: dict[str, Any],
-                             model_config: Any | None) -> bool:
-    """Activation checkpointing for a GPU run: on when the estimate without it exceeds the GPU's memory.
+def gpu_batch_plan(hardware: Any | None, method: str, config: dict[str, Any], model_config: Any | None = None):
+    """Micro-batch, accumulation and checkpointing for a GPU run, from the card's memory (utils.memory.plan_batch).
 
-    Without a GPU to measure (``hardware`` is None or has no memory figure) the answer is the safe one: on.
+    Without a GPU to measure (``hardware`` is None or has no memory figure) the plan is the one for a 16 GB
+    card (a Colab T4), the smallest the series supports.
     """
-    memory = getattr(hardware, "gpu_memory_gib", None) if hardware is not None else None
-    if not memory:
-        return True
-    from utils.memory import needs_gradient_checkpointing
+    from utils.memory import GIB, plan_batch
 
+    memory = getattr(hardware, "gpu_memory_gib", None) if hardware is not None else None
     if model_config is None:
         from utils.models import phi3_mini_config
 
         model_config = phi3_mini_config()
-    return needs_gradient_checkpointing(
-        model_config, memory * 2**30, method=method, seq_len=int(config["max_length"]),
-        batch_size=int(config["per_device_train_batch_size"]), compute_bytes=2,
-        optimizer_bytes_per_param=2 if "8bit" in str(config["optim"]) else 8,
-    )
+    return plan_batch(model_config, (memory or T4_MEMORY_GIB) * GIB, effective_batch=EFFECTIVE_BATCH, method=method,
+                      seq_len=int(config["max_length"]), compute_bytes=2,
+                      optimizer_bytes_per_param=2 if "8bit" in str(config["optim"]) else 8)
+
+
+T4_MEMORY_GIB = 15.0  # a "16 GB" Tesla T4 reports 15,360 MiB to PyTorch
+
+
+def optimizer_steps(num_conversations: int, config: dict[str, Any], world_size: int = 1) -> int:
+    """The optimizer steps the Trainer will run: ``max_steps`` if set, else epochs x ceil(batches / accumulation)."""
+    if int(config.get("max_steps", -1) or -1) > 0:
+        return int(config["max_steps"])
+    if num_conversations <= 0:
+        raise ValueError("There are no training conversations: nothing to schedule.")
+    per_pass = int(config["per_device_train_batch_size"]) * max(1, world_size)
+    batches = math.ceil(num_conversations / per_pass)
+    per_epoch = max(1, math.ceil(batches / int(config["gradient_accumulation_steps"])))
+    return int(math.ceil(per_epoch * float(config["num_train_epochs"])))
+
+
+def training_cadence(total_steps: int, evaluations: int = 8, log_lines: int = 20) -> dict[str, int]:
+    """Logging, evaluation and checkpoint intervals for a run of ``total_steps`` optimizer steps.
+
+    About ``evaluations`` validation passes (each followed by a checkpoint) and ``log_lines`` training-loss
+    lines per run, whatever its length; with ``eval_on_start`` and the Trainer's evaluation and save at the
+    last step, the curve has a point at the start, along the way and at the end.
+    """
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be at least 1, got {total_steps}")
+    every = max(1, math.ceil(total_steps / max(1, evaluations)))
+    return {"logging_steps": max(1, math.ceil(total_steps / max(1, log_lines))), "eval_steps": every,
+            "save_steps": every}
 
 
 def training_config(
@@ -153,15 +184,18 @@ def training_config(
     run_name: str | None = None,
     hardware: Any | None = None,
     model_config: Any | None = None,
+    num_train_conversations: int | None = None,
+    world_size: int = 1,
     **overrides: Any,
 ) -> dict[str, Any]:
     """The SFTConfig arguments for ``profile`` (cpu/gpu, default: this machine) and ``method`` (lora/qlora).
 
-    On the GPU profile, activation checkpointing is on only when the memory estimate of
-    ``model_config`` (default: Phi-3-mini) does not fit the memory of the GPU in ``hardware``
-    (see :func:`utils.memory.needs_gradient_checkpointing`); with no GPU to ask, it stays on.
-    ``output_dir`` is ``outputs/checkpoints/<run_name or method>``. ``overrides`` replace any key
-    (an unknown key is refused with the valid ones listed).
+    On the GPU profile, precision follows the GPU in ``hardware`` (bf16 where native, else fp16), and the
+    micro-batch, accumulation and activation checkpointing come from its memory
+    (:func:`gpu_batch_plan`; without a GPU to ask, a 16 GB card is assumed). With
+    ``num_train_conversations``, logging, evaluation and checkpoint intervals follow the number of
+    optimizer steps the run will take (:func:`training_cadence`). ``output_dir`` is
+    ``outputs/checkpoints/<run_name or method>``. ``overrides`` replace any key (an unknown key is refused).
     """
     profile = profile or default_profile()
     _check_choice(profile, PROFILES, "profile")
@@ -174,8 +208,13 @@ def training_config(
     if profile == "gpu":
         bf16 = _gpu_has_bf16(hardware)
         config["bf16"], config["fp16"] = bf16, not bf16
-        config["activation_checkpointing"] = _gpu_needs_checkpointing(
-            hardware, method, {**config, **overrides}, model_config)
+        plan = gpu_batch_plan(hardware, method, {**config, **overrides}, model_config)
+        config["per_device_train_batch_size"] = plan.per_device_train_batch_size
+        config["gradient_accumulation_steps"] = plan.gradient_accumulation_steps
+        config["activation_checkpointing"] = plan.activation_checkpointing
+    if num_train_conversations is not None:
+        steps = optimizer_steps(num_train_conversations, {**config, **overrides}, world_size)
+        config.update(training_cadence(steps, **CADENCE[profile]))
     unknown = sorted(set(overrides) - set(config) - {"output_dir"})
     if unknown:  # any other SFTConfig argument is welcome; a typo is not
         unknown = sorted(set(unknown) - sft_config_keys())
@@ -309,9 +348,13 @@ def add_lora_adapter(model: Any, config: dict[str, Any], *, seed: int = 42) -> A
     from peft import get_peft_model
     from transformers import set_seed
 
+    from utils.models import sharded_by_accelerate
+
     counts = check_target_modules(model, config["target_modules"])
     set_seed(seed)  # LoRA's A matrices are drawn at random: same seed, same start
-    peft_model = get_peft_model(model, build_lora_config(config))
+    # peft keeps adapters in fp32 by default; FSDP and ZeRO-3 flatten parameters into shards of one dtype, so
+    # there the adapters stay in the base model's dtype (as trl does for ZeRO-3).
+    peft_model = get_peft_model(model, build_lora_config(config), autocast_adapter_dtype=not sharded_by_accelerate())
     trainable, total = peft_model.get_nb_trainable_parameters()
     count = ParameterCount(trainable, total)
     if trainable == 0:
@@ -371,25 +414,41 @@ def newest_complete_checkpoint(run_dir: str | Path) -> Path | None:
     return None
 
 
-def _checkpoint_callback():
-    """A TrainerCallback that removes a stale marker before a save and writes the marker after it."""
-    from transformers import TrainerCallback
+class CheckpointCompleteness(TrainerCallback):
+    """Marks ``checkpoint-N`` complete (``checkpoint-complete.json``, written last) once every rank has written it.
 
-    class CheckpointCompleteness(TrainerCallback):
-        """Marks ``checkpoint-N`` complete once the Trainer (all ranks) has finished writing it."""
+    Resuming with :func:`newest_complete_checkpoint` then never starts from a save that a crash cut short.
+    It only writes that marker: the run itself is the same with or without it.
+    """
 
-        def on_step_end(self, args, state, control, **kwargs):
-            if control.should_save and state.is_world_process_zero:  # about to (re)write checkpoint-N
-                (Path(args.output_dir) / f"checkpoint-{state.global_step}" / COMPLETE_MARKER).unlink(missing_ok=True)
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save and state.is_world_process_zero:  # about to (re)write checkpoint-N
+            (Path(args.output_dir) / f"checkpoint-{state.global_step}" / COMPLETE_MARKER).unlink(missing_ok=True)
 
-        def on_save(self, args, state, control, **kwargs):
-            args.distributed_state.wait_for_everyone()  # every rank has written its part (RNG states)
-            if state.is_world_process_zero:
-                checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                mark_checkpoint_complete(checkpoint, state.global_step)
-                logger.info("Checkpoint %s complete", checkpoint)
+    def on_save(self, args, state, control, **kwargs):
+        args.distributed_state.wait_for_everyone()  # every rank has written its part (RNG states)
+        if state.is_world_process_zero:
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            mark_checkpoint_complete(checkpoint, state.global_step)
+            logger.info("Checkpoint %s complete", checkpoint)
 
-    return CheckpointCompleteness()
+
+def refuse_data_parallel(args: Any) -> None:
+    """Stop a single process that sees several GPUs: the Trainer would silently wrap the model in DataParallel.
+
+    ``torch.nn.DataParallel`` copies the whole model to every GPU on every step and is slower than one
+    GPU for a model this size. Use one GPU (``CUDA_VISIBLE_DEVICES=0``) or ``accelerate launch`` (DDP/FSDP).
+    """
+    from transformers.training_args import ParallelMode
+
+    if args.parallel_mode == ParallelMode.NOT_DISTRIBUTED:
+        raise RuntimeError(
+            f"This process sees {args.n_gpu} GPUs but was not started by `accelerate launch`, so the Trainer would "
+            "wrap the model in torch.nn.DataParallel (a full copy per GPU on every step, slower than one GPU). "
+            "Either train on one GPU: restart with CUDA_VISIBLE_DEVICES=0 (for a notebook: set it before starting "
+            "Jupyter), or on all of them with `accelerate launch --config_file configs/ddp.yaml -m utils.train ...` "
+            "(docs/multi-gpu.md)."
+        )
 
 
 def _throughput_callback(clock: dict[str, float]):
@@ -462,6 +521,7 @@ def train(
     if not hasattr(model, "peft_config"):
         raise TypeError("train() expects a PEFT model: call add_lora_adapter(model, peft_config) first.")
     args = build_sft_config(config)
+    refuse_data_parallel(args)
     run_dir = Path(args.output_dir)
     checkpoint = newest_complete_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
@@ -477,13 +537,12 @@ def train(
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=conversations_dataset(train_rows, "train_rows"),
         eval_dataset=eval_dataset, processing_class=tokenizer,
-        callbacks=[_checkpoint_callback(), _throughput_callback(clock), *(callbacks or [])],
+        callbacks=[CheckpointCompleteness(), _throughput_callback(clock), *(callbacks or [])],
     )
     _reset_peak_memory()
     if checkpoint is not None:
         logger.info("Resuming from %s", checkpoint)
-    with _lm_head_on_labelled_positions_only(trainer.model):
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     adapter_dir = Path(adapter_dir)
     trainer.save_model(str(adapter_dir))  # writes on the main process only (and gathers FSDP/ZeRO-3 shards)
     history = list(trainer.state.log_history)
@@ -493,21 +552,6 @@ def train(
     if trainer.is_world_process_zero():
         (adapter_dir / "training_metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
     return TrainingResult(adapter_dir, run_dir, history, metrics, checkpoint, trainer)
-
-
-def _lm_head_on_labelled_positions_only(model: Any):
-    """On a CPU, make trl's LM head score only labelled positions, as it already does on GPUs.
-
-    With assistant-only loss about two thirds of the positions carry no label; scoring them through
-    the 49k-32k-wide LM head is most of the head's time and memory. Same loss and gradients
-    (``utils.speed.score_only_labelled_positions``; measured in ``benchmarks/``).
-    """
-    from contextlib import nullcontext
-
-    from utils.speed import score_only_labelled_positions
-
-    on_cpu = getattr(model, "device", None) is not None and model.device.type == "cpu"
-    return score_only_labelled_positions() if on_cpu else nullcontext()
 
 
 def _reset_peak_memory() -> None:
