@@ -39,7 +39,7 @@ QLORA_BUDGET_GIB = 16.0  # QLoRA Phi-3-mini must fit a 16 GB GPU (T4, V100-16GB,
 CONVERSATIONS = "bench/gpu_conversations.json"  # under utils.paths.outputs_dir()
 TOKENIZER_DIR = "phi3-tokenizer-v1"  # under utils.paths.cache_dir(), built by utils.models
 COOKBOOK = dict(text_field=True, packing=True, gradient_checkpointing=True)
-DEFAULTS = dict(assistant_only_loss=True, padding_free=True, varlen_sdpa=True, compact_head=True, lora_dropout=0.0)
+DEFAULTS = dict(assistant_only_loss=True, padding_free=True, varlen_sdpa=True, lora_dropout=0.0)  # trl: compact head on GPUs
 
 
 def gpu_configs(lora_checkpointing: bool, qlora_checkpointing: bool, liger: bool) -> dict[str, BenchConfig]:

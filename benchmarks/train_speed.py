@@ -49,19 +49,18 @@ CONFIGS: dict[str, BenchConfig] = {c.name: c for c in (
                 text_field=True, padding_free=True, varlen_sdpa=True),
     BenchConfig("no-checkpointing", "baseline with gradient checkpointing off",
                 text_field=True, packing=True, gradient_checkpointing=False),
-    BenchConfig("compact-head", "assistant-only + utils.speed LM head on labelled positions only",
+    BenchConfig("compact-head", "assistant-only + utils.speed LM head on labelled positions only (patches a private "
+                "trl name: measured here, not used by the series)",
                 assistant_only_loss=True, packing=True, compact_head=True),
     BenchConfig("micro-batch", "baseline data as padded micro-batches of one conversation + gradient accumulation",
                 text_field=True, micro_batch=1),
     BenchConfig("no-dropout", "baseline with LoRA dropout 0 (peft then keeps no dropped copy of each input)",
                 text_field=True, packing=True, lora_dropout=0.0),
     BenchConfig("defaults-no-ckpt", "the defaults without checkpointing: the fastest row",
-                assistant_only_loss=True, compact_head=True, gradient_checkpointing=False, micro_batch=1,
-                lora_dropout=0.0),
+                assistant_only_loss=True, gradient_checkpointing=False, micro_batch=1, lora_dropout=0.0),
     BenchConfig("defaults", "the series' defaults: assistant-only loss, one conversation per micro-batch "
-                "(gradient accumulation), compact head, checkpointing every 3rd layer, LoRA dropout 0",
-                assistant_only_loss=True, compact_head=True, checkpoint_every_n_layers=3, micro_batch=1,
-                lora_dropout=0.0),
+                "(gradient accumulation), checkpointing every 3rd layer, LoRA dropout 0",
+                assistant_only_loss=True, checkpoint_every_n_layers=3, micro_batch=1, lora_dropout=0.0),
 )}
 
 

@@ -94,7 +94,7 @@ def test_benchmark_configurations_change_one_thing_from_their_reference():
     assert base.text_field and base.packing and base.gradient_checkpointing
     assert not CONFIGS["no-checkpointing"].gradient_checkpointing
     defaults = CONFIGS["defaults"]
-    assert defaults.sft_kwargs()["assistant_only_loss"] and defaults.compact_head and defaults.micro_batch == 1
+    assert defaults.sft_kwargs()["assistant_only_loss"] and not defaults.compact_head and defaults.micro_batch == 1
     assert defaults.gradient_checkpointing and defaults.checkpoint_every_n_layers == 3
     assert not CONFIGS["defaults-no-ckpt"].gradient_checkpointing and CONFIGS["varlen-sdpa"].varlen_sdpa
     assert defaults.sft_kwargs()["gradient_checkpointing_kwargs"] == {"use_reentrant": False, "every_n_layers": 3}
