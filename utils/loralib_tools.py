@@ -30,6 +30,8 @@ import loralib as lora
 import torch
 from torch import nn
 
+from utils.data import IGNORE_INDEX, LengthReport, fit_to_length, tokenize_conversation
+
 PHI3_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 QKV_NAMES = ("q", "k", "v")
 LORA_MARKER = "lora_"  # loralib's rule: a parameter is a LoRA parameter iff its name contains this
@@ -582,21 +584,24 @@ def export_to_peft(model: nn.Module, out_dir: str | Path, base_model_name_or_pat
 
 
 def conversation_batches(
-    conversations: list[dict[str, Any]], tokenizer: Any, *, batch_size: int, max_length: int, seed: int
-) -> list[dict[str, torch.Tensor]]:
-    """Shuffled, padded batches with assistant-only labels (-100 elsewhere and on padding).
+    conversations: list[dict[str, Any]], tokenizer: Any, *, batch_size: int, max_length: int, seed: int,
+    policy: str = "truncate",
+) -> tuple[list[dict[str, torch.Tensor]], LengthReport]:
+    """Shuffled, padded batches with assistant-only labels, every row cut at a turn boundary; and the length report.
 
-    Conversations whose assistant tokens all fall beyond ``max_length`` are dropped (they carry no loss).
+    Conversations over ``max_length`` tokens go through :func:`utils.data.fit_to_length` first (``truncate``:
+    keep the longest prefix that ends with an assistant reply, drop it if none fits; ``drop``), so no row ends
+    inside a reply. Labels are -100 on the other turns and on the padding.
     """
     from transformers import DataCollatorForSeq2Seq
 
-    from utils.data import IGNORE_INDEX, tokenize_conversation
-
-    rows = [tokenize_conversation(c["messages"], tokenizer, max_length) for c in conversations]
-    rows = [r for r in rows if any(label != IGNORE_INDEX for label in r["labels"])]
-    if not rows:
-        raise ValueError(f"No conversation has assistant tokens within max_length={max_length}: raise max_length.")
+    if policy not in ("truncate", "drop"):
+        raise ValueError(f"Length policy {policy!r}: conversation_batches keeps every row within max_length, so "
+                         f"choose 'truncate' (at a turn boundary) or 'drop'.")
+    fitted, report = fit_to_length(conversations, tokenizer, max_length, policy)
+    if not fitted:
+        raise ValueError(f"No conversation fits in max_length={max_length} tokens ({report}): raise max_length.")
+    rows = [tokenize_conversation(c["messages"], tokenizer) for c in fitted]
     random.Random(seed).shuffle(rows)
     collate = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
-    return [collate(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
-
+    return [collate(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)], report

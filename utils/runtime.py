@@ -75,7 +75,7 @@ def torch_threads(count: int) -> Iterator[None]:
 _RELATIVE_LOGIT_TOLERANCE = {  # dtype name -> (same kernels, different kernels or summation order)
     "float32": (1e-5, 1e-4),
     "float16": (1e-2, 2e-2),
-    "bfloat16": (3e-2, 5e-2),
+    "bfloat16": (3e-2, 1e-1),  # across summation orders: 4.0e-2 measured on smol with autocast (02), so 2.5x margin
 }
 
 
