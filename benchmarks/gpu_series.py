@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
 
     from utils.models import model_source, resolve_model_name
-    from utils.training import T4_MEMORY_GIB
+    from utils.memory import T4_MEMORY_GIB
 
     args.report_dir.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()

@@ -11,6 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GIB = 2**30
+# What PyTorch reports for a "16 GB" Tesla T4 (Colab's free GPU): the "total capacity" of its out-of-memory
+# message and torch.cuda.get_device_properties(0).total_memory; nvidia-smi shows 15,360 MiB. The smallest card
+# the series supports: plans without a GPU to ask are made for it.
+T4_MEMORY_GIB = 14.74
 NF4_BYTES_PER_WEIGHT = 0.516  # 4 bits + one fp8 scale per 64 weights + one fp32 scale per 256 blocks (double quant)
 PHI3_LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 

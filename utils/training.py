@@ -136,7 +136,7 @@ def gpu_batch_plan(hardware: Any | None, method: str, config: dict[str, Any], mo
     Without a GPU to measure (``hardware`` is None or has no memory figure) the plan is the one for a 16 GB
     card (a Colab T4), the smallest the series supports.
     """
-    from utils.memory import GIB, plan_batch
+    from utils.memory import GIB, T4_MEMORY_GIB, plan_batch
 
     memory = getattr(hardware, "gpu_memory_gib", None) if hardware is not None else None
     if model_config is None:
@@ -146,9 +146,6 @@ def gpu_batch_plan(hardware: Any | None, method: str, config: dict[str, Any], mo
     return plan_batch(model_config, (memory or T4_MEMORY_GIB) * GIB, effective_batch=EFFECTIVE_BATCH, method=method,
                       seq_len=int(config["max_length"]), compute_bytes=2,
                       optimizer_bytes_per_param=2 if "8bit" in str(config["optim"]) else 8)
-
-
-T4_MEMORY_GIB = 15.0  # a "16 GB" Tesla T4 reports 15,360 MiB to PyTorch
 
 
 def optimizer_steps(num_conversations: int, config: dict[str, Any], world_size: int = 1) -> int:
