@@ -13,6 +13,7 @@ from utils.data import IGNORE_INDEX, tokenize_conversation
 from utils.evaluation import (
     LossResult,
     assistant_token_loss,
+    opening_logprob,
     prompts_and_references,
     read_results,
     rouge_l,
@@ -20,7 +21,7 @@ from utils.evaluation import (
     summarize_generations,
     write_results,
 )
-from utils.generation import Generated, GenerationSettings
+from utils.generation import Generated, GenerationSettings, render_prompt
 from utils.models import Hardware, load_model_and_tokenizer
 from utils.runtime import torch_threads
 
@@ -92,6 +93,45 @@ def test_loss_without_assistant_tokens_is_refused(tiny):
     model, tokenizer = tiny
     with pytest.raises(ValueError, match="No assistant tokens"):
         assistant_token_loss(model, tokenizer, CONVERSATIONS[:1], max_length=5)
+
+
+# --- how likely an answer opens with a phrase -------------------------------------------------------
+
+def reference_opening_logprob(model, tokenizer, messages, opening):
+    """The same quantity from a plain forward pass over the whole text: sum of log-softmax at the opening's tokens."""
+    prompt = render_prompt(messages, tokenizer)
+    start = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+    ids = tokenizer(prompt + opening, add_special_tokens=False).input_ids
+    with torch.inference_mode():
+        logprobs = model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    return sum(logprobs[i - 1, ids[i]].item() for i in range(start, len(ids)))
+
+
+def test_opening_logprob_is_the_log_probability_of_the_opening_tokens(tiny):
+    model, tokenizer = tiny
+    prompts, _ = prompts_and_references(CONVERSATIONS)
+    expected = [reference_opening_logprob(model, tokenizer, p, "In short:") for p in prompts]
+    assert opening_logprob(model, tokenizer, prompts, "In short:", batch_size=3) == pytest.approx(expected, abs=1e-4)
+    assert opening_logprob(model, tokenizer, prompts[:1], "In short:") == pytest.approx(expected[:1], abs=1e-4)
+    assert all(value < 0 for value in expected)
+
+
+def test_opening_logprob_runs_through_an_active_adapter():
+    model, tokenizer = load_model_and_tokenizer("tiny", for_training=False, verbose=False, hardware=CPU)
+    prompts, _ = prompts_and_references(CONVERSATIONS[:2])
+    base = opening_logprob(model, tokenizer, prompts, "In short:")
+    torch.manual_seed(0)
+    adapted = get_peft_model(model, LoraConfig(r=4, target_modules=["qkv_proj", "down_proj"],
+                                               init_lora_weights=False)).eval()
+    expected = [reference_opening_logprob(adapted, tokenizer, p, "In short:") for p in prompts]
+    assert opening_logprob(adapted, tokenizer, prompts, "In short:") == pytest.approx(expected, abs=1e-4)
+    assert max(abs(a - b) for a, b in zip(expected, base)) > 1e-3
+
+
+def test_opening_with_a_trailing_space_is_refused(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="without a trailing space"):
+        opening_logprob(model, tokenizer, [CONVERSATIONS[0]["messages"][:1]], "In short: ")
 
 
 # --- metrics ---------------------------------------------------------------------------------------

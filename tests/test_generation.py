@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, Phi3Config, Phi3ForCausalLM
 
 from utils.data import tokenize_conversation
 from utils.generation import (
@@ -20,7 +20,10 @@ from utils.generation import (
     cut_at_stop,
     end_of_turn_token,
     generate_batch,
+    generation_batch_size,
+    generation_memory_per_sequence,
     generation_speed,
+    kv_cache_bytes_per_token,
     leaked_template_tokens,
     max_logit_difference,
     merge_adapter,
@@ -31,7 +34,8 @@ from utils.generation import (
     serving_chat_template,
     stop_token_ids,
 )
-from utils.models import Hardware, load_model_and_tokenizer, load_tokenizer
+from utils.memory import GIB, HEADROOM, T4_MEMORY_GIB, parameter_counts
+from utils.models import TINY_PHI3_CONFIG, Hardware, load_model_and_tokenizer, load_tokenizer, phi3_mini_config
 from utils.runtime import torch_threads
 
 TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
@@ -155,6 +159,38 @@ def test_batched_left_padded_generation_matches_one_at_a_time():
 def test_generation_speed_counts_exactly_the_requested_tokens():
     model, tokenizer = tiny()
     assert generation_speed(model, tokenizer, TAUGHT[0][:1], new_tokens=4, repeats=1) > 0
+
+
+# --- memory for batched generation ------------------------------------------------------------------
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["multi-head", "grouped-query"])
+def test_kv_cache_bytes_per_token_is_what_a_forward_pass_caches(kv_heads):
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(Phi3Config(**{**TINY_PHI3_CONFIG, "num_key_value_heads": kv_heads})).eval()
+    tokens = 7
+    with torch.inference_mode():
+        output = model(input_ids=torch.arange(1, tokens + 1)[None], use_cache=True)
+    cache = output.cache  # (was past_key_values)
+    cached = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    assert len(cache.layers) == model.config.num_hidden_layers
+    assert cached == tokens * kv_cache_bytes_per_token(model.config, dtype_bytes=4)
+
+
+def test_a_t4_cannot_answer_the_whole_test_split_at_once_with_phi3_mini():
+    config = phi3_mini_config()
+    assert kv_cache_bytes_per_token(config, dtype_bytes=2) == 384 * 2**10  # 2 x 32 layers x 3072 x 2 bytes
+    t4, weights = T4_MEMORY_GIB * GIB, sum(parameter_counts(config).values()) * 2  # Phi-3-mini in 16 bits
+    whole_split = 42 * generation_memory_per_sequence(config, prompt_tokens=455, new_tokens=256)
+    assert weights + whole_split > t4
+    batch = generation_batch_size(config, t4, weights, prompt_tokens=455, new_tokens=256)
+    per_sequence = generation_memory_per_sequence(config, 455, 256)
+    assert 1 < batch < 42
+    assert weights + batch * per_sequence <= t4 / HEADROOM < weights + (batch + 1) * per_sequence
+
+
+def test_generation_batch_size_refuses_when_not_one_sequence_fits():
+    with pytest.raises(ValueError, match="not one 455\\+256-token sequence"):
+        generation_batch_size(phi3_mini_config(), 8.0 * GIB, 7.12 * GIB, prompt_tokens=455, new_tokens=256)
 
 
 # --- chat ------------------------------------------------------------------------------------------

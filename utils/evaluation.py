@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from utils import data
 from utils.data import IGNORE_INDEX, tokenize_conversation
-from utils.generation import Generated, Messages
+from utils.generation import Generated, Messages, render_prompt
 
 # --- loss and perplexity on the assistant's tokens -------------------------------------------------
 
@@ -71,6 +71,46 @@ def assistant_token_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
         raise ValueError("No assistant tokens to score: are the conversations empty, or max_length too small?")
     loss = total / count
     return LossResult(loss=loss, perplexity=math.exp(loss), assistant_tokens=count, conversations=len(rows))
+
+
+@torch.inference_mode()
+def opening_logprob(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Messages],
+                    opening: str, batch_size: int = 8) -> list[float]:
+    """Log-probability that the answer to each prompt starts with ``opening`` (teacher-forced, nothing generated).
+
+    Greedy decoding writes a phrase only once the model prefers it over every other token; this measures how far
+    training moved the model towards it before that. The opening is tokenized in context, after the generation
+    prompt, exactly as in training; leave out a trailing space (it belongs to the next word's token).
+    """
+    if not opening or opening != opening.rstrip():
+        raise ValueError(f"opening={opening!r}: give a non-empty text without a trailing space.")
+    rows = []
+    for number, messages in enumerate(prompts, start=1):
+        prompt = render_prompt(messages, tokenizer)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        ids = tokenizer(prompt + opening, add_special_tokens=False).input_ids
+        if ids[: len(prompt_ids)] != prompt_ids:
+            raise ValueError(f"Prompt {number}: the tokens of prompt + {opening!r} do not start with the prompt's "
+                             "tokens, so the opening cannot be scored on its own.")
+        labels = [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids):]
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    lm = _causal_lm(model)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))  # similar lengths: little padding
+    scores = [0.0] * len(rows)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        batch = {k: v.to(model.device) for k, v in pad_right([rows[i] for i in chunk], pad_id).items()}
+        hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  use_cache=False).last_hidden_state
+        targets = batch["labels"][:, 1:]  # position t predicts token t+1
+        keep = targets != IGNORE_INDEX
+        logprobs = lm.get_output_embeddings()(hidden[:, :-1][keep]).float().log_softmax(-1)
+        picked = logprobs.gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)
+        per_row = torch.zeros(keep.shape[0], device=picked.device).index_add_(0, keep.nonzero()[:, 0], picked)
+        for index, value in zip(chunk, per_row.tolist()):
+            scores[index] = value
+    return scores
 
 
 # --- task metrics ----------------------------------------------------------------------------------

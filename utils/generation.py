@@ -190,6 +190,49 @@ def generation_speed(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     return statistics.median(rates)
 
 
+# --- memory for batched generation ----------------------------------------------------------------
+
+def kv_cache_bytes_per_token(config: Any, dtype_bytes: int = 2) -> int:
+    """Bytes of keys and values the KV cache keeps per token: 2 x layers x kv heads x head dim x dtype bytes."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+
+
+def generation_memory_per_sequence(config: Any, prompt_tokens: int, new_tokens: int, dtype_bytes: int = 2) -> int:
+    """Bytes one more sequence adds to a batched ``generate``: its KV cache at full length and its prompt's pass.
+
+    The prompt's pass holds one layer's working tensors at a time (about 4 hidden-sized and 3 MLP-sized per
+    token) and, where attention falls back to PyTorch's plain kernel, the fp32 score matrix of every head;
+    each decoding step adds one fp32 row of logits (and its softmax).
+    """
+    cache = (prompt_tokens + new_tokens) * kv_cache_bytes_per_token(config, dtype_bytes)
+    working = prompt_tokens * (4 * config.hidden_size + 3 * config.intermediate_size) * dtype_bytes
+    scores = config.num_attention_heads * prompt_tokens**2 * 4
+    logits = 2 * config.vocab_size * 4
+    return cache + working + scores + logits
+
+
+def generation_batch_size(config: Any, memory_bytes: float, weights_bytes: float, prompt_tokens: int,
+                          new_tokens: int, dtype_bytes: int = 2) -> int:
+    """The most prompts ``generate`` can answer together in ``memory_bytes`` next to ``weights_bytes`` (10% kept free).
+
+    ``prompt_tokens``: the longest prompt (a batch is padded to it). Raises when not even one sequence fits.
+    """
+    from utils.memory import HEADROOM
+
+    free = memory_bytes / HEADROOM - weights_bytes
+    per_sequence = generation_memory_per_sequence(config, prompt_tokens, new_tokens, dtype_bytes)
+    if free < per_sequence:
+        raise ValueError(
+            f"{memory_bytes / 2**30:.1f} GiB hold the {weights_bytes / 2**30:.1f} GiB of weights but not one "
+            f"{prompt_tokens}+{new_tokens}-token sequence ({per_sequence / 2**30:.2f} GiB, 10% headroom kept): "
+            "lower max_new_tokens or the prompt length, or load the model in 4 bits."
+        )
+    return int(free // per_sequence)
+
+
 # --- a multi-turn chat that streams --------------------------------------------------------------
 
 class ChatSession:
