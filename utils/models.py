@@ -237,8 +237,12 @@ def build_tiny_phi3() -> Path:
     target = cache_dir() / _TINY_DIR
     if (target / "model.safetensors").exists():
         return target
+    return _save_with_phi3_tokenizer(tiny_phi3_model(), target)
+
+
+def _save_with_phi3_tokenizer(model: Phi3ForCausalLM, target: Path) -> Path:
+    """Save a built Phi-3 with the real Phi-3 tokenizer and both stop ids, atomically, into ``target``."""
     tokenizer = AutoTokenizer.from_pretrained(build_phi3_tokenizer())
-    model = tiny_phi3_model()
     model.generation_config.eos_token_id = [PHI3_SPECIAL_TOKENS["<|endoftext|>"], PHI3_SPECIAL_TOKENS["<|end|>"]]
     model.generation_config.pad_token_id = PHI3_SPECIAL_TOKENS["<|endoftext|>"]
     with atomic_directory(target) as staging:
@@ -289,17 +293,10 @@ def build_phi3_mini_random() -> Path:
     plan = plan_loading(detect_hardware())
     if plan.device == "cpu":
         logger.warning("Building the full-size random Phi-3-mini on a CPU: ~15 GB of memory and several minutes.")
-    tokenizer = AutoTokenizer.from_pretrained(build_phi3_tokenizer())
     with torch.random.fork_rng(devices=[]), torch.device(plan.device):
         torch.manual_seed(TINY_SEED)
         model = Phi3ForCausalLM(phi3_mini_config()).to(plan.dtype)
-    model.generation_config.eos_token_id = [PHI3_SPECIAL_TOKENS["<|endoftext|>"], PHI3_SPECIAL_TOKENS["<|end|>"]]
-    model.generation_config.pad_token_id = PHI3_SPECIAL_TOKENS["<|endoftext|>"]
-    with atomic_directory(target) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-    del model
-    return target
+    return _save_with_phi3_tokenizer(model, target)
 
 
 def nf4_config(compute_dtype: torch.dtype | None = None) -> Any:
