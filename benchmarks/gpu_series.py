@@ -98,12 +98,26 @@ def run_notebook(path: Path) -> dict[str, Any]:
     cells = [c for c in json.loads(path.read_text(encoding="utf-8"))["cells"] if c["cell_type"] == "code"]
     namespace: dict[str, Any] = {"__name__": "__main__", "display": display}
     result: dict[str, Any] = {"notebook": path.name, "cells": len(cells), "not_run": []}
-    os.chdir(path.parent)
+    previous_cwd = Path.cwd()
+    os.chdir(path.parent)  # notebooks run from their folder, as Jupyter runs them
     start = time.perf_counter()
+    try:
+        _run_cells(cells, path.name, namespace, result)
+    finally:
+        os.chdir(previous_cwd)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    if torch.cuda.is_available():
+        result["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        result["peak_cuda_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    return result
+
+
+def _run_cells(cells: list[dict[str, Any]], name: str, namespace: dict[str, Any], result: dict[str, Any]) -> None:
+    """Execute code cells in order; record cells that need an uncarried package and the first error."""
     for index, cell in enumerate(cells):
         source = "".join(cell["source"])
         try:
-            exec(compile(source, f"<{path.name} code cell {index}>", "exec"), namespace)
+            exec(compile(source, f"<{name} code cell {index}>", "exec"), namespace)
         except ModuleNotFoundError as error:
             if error.name in NOT_CARRIED:
                 result["not_run"].append({"cell": index, "why": NOT_CARRIED.get(error.name, str(error))})
@@ -113,11 +127,6 @@ def run_notebook(path: Path) -> dict[str, Any]:
         except Exception:  # noqa: BLE001 - the report names the cell and the traceback
             result["error"] = {"cell": index, "traceback": traceback.format_exc(limit=6)}
             break
-    result["seconds"] = round(time.perf_counter() - start, 1)
-    if torch.cuda.is_available():
-        result["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        result["peak_cuda_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
-    return result
 
 
 def run_series(model: str, only: list[str] | None, report_dir: Path) -> list[dict[str, Any]]:

@@ -20,7 +20,9 @@ def _notebook(tmp_path, *sources: str):
 
 def test_the_cell_runner_runs_cells_in_one_namespace_and_names_the_failing_cell(tmp_path):
     path = _notebook(tmp_path, "x = 2", "display(x * 21)", "assert x == 3, 'wrong'", "never = True")
+    before = __import__("os").getcwd()
     result = gpu_series.run_notebook(path)
+    assert __import__("os").getcwd() == before  # later tests start subprocesses from the repository root
     assert result["error"]["cell"] == 2 and "AssertionError: wrong" in result["error"]["traceback"]
     assert result["cells"] == 4 and result["not_run"] == []
 

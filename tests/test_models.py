@@ -323,3 +323,27 @@ def test_logit_tolerance_holds_for_a_real_bf16_recomputation():
         error = (merged - separate).abs().max().float() / merged.abs().max().float()
         assert error <= logit_tolerance(dtype, same_kernels=False)
     assert error > 0  # fp32 rounds too, just less
+
+
+def _4bit_input_gradient_after_an_evaluation_pass(cpu_kernel_allowed: bool):
+    """The gradient reaching the input of one 4-bit layer, after a forward without gradients (an evaluation)."""
+    model, _ = load_model_and_tokenizer("tiny", quantization_config=models.nf4_config(torch.float32), verbose=False)
+    layer = model.model.layers[0].mlp.down_proj
+    assert type(layer).__name__ == "Linear4bit" and layer.support_avx512bf16_for_cpu is False  # the loader's switch
+    layer.support_avx512bf16_for_cpu = cpu_kernel_allowed
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(2, layer.in_features))  # after this the CPU kernel would take over
+    layer.train()
+    x = torch.randn(2, layer.in_features, requires_grad=True)
+    try:
+        layer(x).sum().backward()
+    except RuntimeError:
+        return None
+    return x.grad
+
+
+def test_4bit_layers_keep_their_gradient_after_an_evaluation_pass():
+    """bitsandbytes' CPU inference kernel (on AVX-512 bf16 CPUs) has no backward: the loader switches it off."""
+    gradient = _4bit_input_gradient_after_an_evaluation_pass(cpu_kernel_allowed=False)
+    assert gradient is not None and gradient.abs().sum() > 0

@@ -314,6 +314,22 @@ def nf4_config(compute_dtype: torch.dtype | None = None) -> Any:
                               bnb_4bit_compute_dtype=compute_dtype, **extra)
 
 
+def keep_4bit_layers_differentiable(model: Any) -> int:
+    """Switch bitsandbytes' CPU inference kernel off on every 4-bit layer; returns how many layers there are.
+
+    bitsandbytes 0.50.2, on CPUs with AVX-512 bf16, repacks a 4-bit layer's weights for a fast inference
+    kernel after its first forward without gradients (the Trainer's first evaluation) and uses that kernel
+    from then on, in training too; it has no backward, so no gradient reaches the layers below.
+    ``support_avx512bf16_for_cpu`` is the layer's public switch for it. Call before the first forward.
+    """
+    import bitsandbytes as bnb
+
+    layers = [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
 def sharded_by_accelerate() -> bool:
     """True when `accelerate launch` runs FSDP or DeepSpeed, which place the weights themselves."""
     return any(os.environ.get(flag, "").lower() in ("1", "true")
@@ -360,6 +376,8 @@ def load_model_and_tokenizer(
     if plan.device_map is not None:  # one process per GPU (DDP): each rank loads onto its own device
         kwargs["device_map"] = plan.device_map
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if quantization_config is not None and getattr(quantization_config, "load_in_4bit", False):
+        keep_4bit_layers_differentiable(model)
     model.config.use_cache = not for_training
     if model.config.model_type != "phi3":
         logger.warning("%s is a %r model, not Phi-3: target module names may differ.", source, model.config.model_type)

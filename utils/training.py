@@ -536,6 +536,12 @@ def train(
         eval_dataset=eval_dataset, processing_class=tokenizer,
         callbacks=[CheckpointCompleteness(), _throughput_callback(clock), *(callbacks or [])],
     )
+    if args.use_cpu and getattr(model, "is_loaded_in_4bit", False):
+        # trl 1.16 casts QLoRA adapters to bf16 (the QLoRA paper's choice for GPUs); on a CPU bf16 is 10-400x
+        # slower than fp32, so the adapters go back to fp32, as notebook 04 does.
+        for parameter in trainer.model.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
     _reset_peak_memory()
     if checkpoint is not None:
         logger.info("Resuming from %s", checkpoint)
