@@ -93,11 +93,10 @@ def quantized_weight_bytes(kind: str, prepared_for_kbit: bool, config: Any = Non
 
 
 def kv_cache_bytes_per_token(config: Any = None, dtype_bytes: int = COMPUTE_BYTES) -> int:
-    """Keys and values of one token in every layer: 2 x layers x kv_heads x head_dim x bytes."""
-    config = config or target_config()
-    kv_heads = config.num_key_value_heads or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+    """Keys and values of one token in every layer (utils.generation's formula), Phi-3-mini by default."""
+    from utils.generation import kv_cache_bytes_per_token as per_token
+
+    return per_token(config or target_config(), dtype_bytes)
 
 
 def one_layer_activation_bytes(tokens: int, config: Any = None) -> float:
