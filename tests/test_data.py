@@ -12,6 +12,7 @@ import pytest
 from utils.data import (
     FORMATS,
     DataValidationError,
+    conversations_dataset,
     follows_house_style,
     load_conversations,
     to_sft_dataset,
@@ -311,3 +312,14 @@ def test_empty_source(tmp_path):
 ])
 def test_follows_house_style(text, expected):
     assert follows_house_style(text) is expected
+
+
+def test_bad_rows_are_reported_by_index():
+    with pytest.raises(ValueError, match="train is empty"):
+        conversations_dataset([], "train")
+    with pytest.raises(ValueError, match=r"index 1, field 'messages\[0\].role': the conversation ends with a user"):
+        conversations_dataset([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant",
+                                                                                         "content": "yo"}]},
+                                        {"messages": [{"role": "user", "content": "hi"}]}], "train")
+    with pytest.raises(ValueError, match=r"index 0, field 'messages': missing field"):
+        conversations_dataset([{"text": "hi"}], "train")

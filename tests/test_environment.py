@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import sys
 import types
+from importlib import metadata
 
 import pytest
 import torch
 
+from utils.colab import same_version
 from utils.environment import RequirementCheck, blocking_failures, check_requirements, pinned_requirements
-from utils.memory import estimate_training_memory, lora_parameter_count, needs_gradient_checkpointing, parameter_counts
-from utils.models import phi3_mini_config, tiny_phi3_model
+from utils.memory import (
+    estimate_training_memory,
+    lora_parameter_count,
+    needs_activation_checkpointing,
+    parameter_counts,
+)
+from utils.models import tiny_phi3_model
+from utils.phi3 import phi3_mini_config
 
 
 def test_every_requirement_is_pinned_and_installed():
@@ -19,8 +27,13 @@ def test_every_requirement_is_pinned_and_installed():
     assert [r.line() for r in rows if not r.ok] == []
 
 
-def test_torch_pin_is_the_cpu_build_on_disk():
-    assert pinned_requirements()["torch"] == "2.13.0"
+def test_installed_torch_is_the_pin_and_without_a_gpu_the_cpu_build_with_no_cuda_wheels():
+    assert same_version(torch.__version__, pinned_requirements()["torch"])  # a local label such as +cpu is ignored
+    if not torch.cuda.is_available():  # a CPU machine: no CUDA runtime compiled in, no multi-GB CUDA wheels on disk
+        assert torch.version.cuda is None
+        cuda_wheels = [dist.metadata["Name"] for dist in metadata.distributions()
+                       if (dist.metadata["Name"] or "").lower().startswith(("nvidia-", "triton"))]
+        assert cuda_wheels == []
 
 
 def test_a_mismatch_is_a_fail_line_that_says_what_to_do():
@@ -95,12 +108,12 @@ def test_estimates_order_the_way_the_notebook_says():
     lora = estimate_training_memory(config, method="lora", seq_len=2048)
     qlora = estimate_training_memory(config, method="qlora", seq_len=2048)
     qlora_as_loaded = estimate_training_memory(config, method="qlora", seq_len=2048, prepared_for_kbit=False)
-    qlora_gc = estimate_training_memory(config, method="qlora", seq_len=2048, gradient_checkpointing=True)
+    qlora_gc = estimate_training_memory(config, method="qlora", seq_len=2048, activation_checkpointing=True)
     # NF4 cuts the weights ~3.4x as loaded; peft's fp32 upcast of the rest for training leaves ~2.9x (00 says so)
     assert qlora_as_loaded.base_weights < lora.base_weights / 3 < qlora.base_weights < lora.base_weights / 2.5
     assert qlora_gc.activations < qlora.activations / 5
     assert qlora_gc.total < 16 * 2**30 and lora.total > 3 * qlora_gc.total
-    assert needs_gradient_checkpointing(config, 16 * 2**30, method="lora", seq_len=2048)
-    assert not needs_gradient_checkpointing(config, 80 * 2**30, method="lora", seq_len=2048)
+    assert needs_activation_checkpointing(config, 16 * 2**30, method="lora", seq_len=2048)
+    assert not needs_activation_checkpointing(config, 80 * 2**30, method="lora", seq_len=2048)
     with pytest.raises(ValueError, match="method"):
         estimate_training_memory(config, method="full")

@@ -11,33 +11,41 @@ from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, Phi3Config, Phi3ForCausalLM
 
-from utils.data import tokenize_conversation
+from utils.adapters import (
+    attach_adapter,
+    merge_adapter,
+    quantized_modules,
+    require_adapter,
+    save_merged,
+    serving_chat_template,
+)
 from utils.generation import (
     ChatSession,
     GenerationSettings,
-    attach_adapter,
     chat_box,
     cut_at_stop,
     end_of_turn_token,
     generate_batch,
-    generation_batch_size,
-    generation_memory_per_sequence,
     generation_speed,
-    kv_cache_bytes_per_token,
     leaked_template_tokens,
-    max_logit_difference,
-    merge_adapter,
-    quantized_modules,
     render_prompt,
-    require_adapter,
-    save_merged,
-    serving_chat_template,
     stop_token_ids,
 )
-from utils.memory import GIB, HEADROOM, T4_MEMORY_GIB, parameter_counts
-from utils.models import TINY_PHI3_CONFIG, Hardware, load_model_and_tokenizer, load_tokenizer, phi3_mini_config
+from utils.memory import (
+    GIB,
+    HEADROOM,
+    T4_MEMORY_GIB,
+    generation_batch_size,
+    generation_memory_per_sequence,
+    kv_cache_bytes_per_token,
+    parameter_counts,
+)
+from utils.models import TINY_PHI3_CONFIG, Hardware, load_model_and_tokenizer, load_tokenizer
+from utils.phi3 import phi3_mini_config
 from utils.runtime import torch_threads
+from utils.tokenization import tokenize_conversation
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 # Two Kitchen-Coach exchanges of different lengths (so a batch of both needs padding).
 TAUGHT = [
@@ -47,26 +55,13 @@ TAUGHT = [
      {"role": "user", "content": "My sauce split after I added the cold butter all at once. What happened?"},
      {"role": "assistant", "content": "In short: the emulsion broke.\nWhisk in a spoon of water.\nTip: add butter slowly."}],
 ]
-CPU = Hardware(cuda=False)  # fp32 on the CPU even on a GPU machine: the tolerances below are fp32 ones
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matmuls on a shared 2-core machine: one thread is faster and steadier."""
-    with torch_threads(1):
-        yield
-
-
-def tiny(for_training: bool = False):
-    """A fresh tiny Phi-3 and its tokenizer."""
-    return load_model_and_tokenizer("tiny", for_training=for_training, verbose=False, hardware=CPU)
 
 
 @pytest.fixture(scope="module")
-def taught_adapter(tmp_path_factory):
+def taught_adapter(tmp_path_factory, load_tiny):
     """A LoRA adapter on the tiny Phi-3 trained until greedy decoding reproduces the two TAUGHT answers."""
     with torch_threads(1):
-        model, tokenizer = tiny(for_training=True)
+        model, tokenizer = load_tiny(for_training=True)
         torch.manual_seed(0)
         peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
         optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
@@ -83,16 +78,16 @@ def taught_adapter(tmp_path_factory):
 
 
 @pytest.fixture
-def taught(taught_adapter):
+def taught(taught_adapter, load_tiny):
     """The tiny Phi-3 with the taught adapter attached (unmerged), ready to generate."""
-    model, tokenizer = tiny()
+    model, tokenizer = load_tiny()
     return attach_adapter(model, taught_adapter).eval(), tokenizer
 
 
 # --- stop ids and prompts --------------------------------------------------------------------------
 
-def test_phi3_stops_at_end_and_endoftext():
-    model, tokenizer = tiny()
+def test_phi3_stops_at_end_and_endoftext(load_tiny):
+    model, tokenizer = load_tiny()
     assert end_of_turn_token(tokenizer) == "<|end|>"
     assert stop_token_ids(tokenizer, model) == [32000, 32007]
     assert stop_token_ids(tokenizer) == [32000, 32007]  # from the template and the tokenizer alone
@@ -105,16 +100,16 @@ def test_smol_stops_at_im_end():
     assert stop_token_ids(tokenizer) == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
 
 
-def test_prompt_ends_with_generation_prompt_and_no_eos():
-    _, tokenizer = tiny()
+def test_prompt_ends_with_generation_prompt_and_no_eos(tiny_tokenizer):
+    tokenizer = tiny_tokenizer
     text = render_prompt(TAUGHT[0][:1], tokenizer)
     assert text == "<|user|>\nWhy rest a steak?<|end|>\n<|assistant|>\n"
     with pytest.raises(ValueError, match="must end with a user"):
         render_prompt(TAUGHT[0], tokenizer)
 
 
-def test_prompt_from_a_template_that_ignores_the_generation_prompt_is_refused():
-    _, tokenizer = tiny()
+def test_prompt_from_a_template_that_ignores_the_generation_prompt_is_refused(tiny_tokenizer):
+    tokenizer = tiny_tokenizer
     broken = copy.deepcopy(tokenizer)
     broken.chat_template = "{% for m in messages %}{{ m['content'] }}<|end|>{% endfor %}{{ eos_token }}"
     with pytest.raises(ValueError, match="ignored add_generation_prompt"):
@@ -141,14 +136,14 @@ def test_finetuned_answers_stop_cleanly_without_template_tokens(taught):
     assert tokenizer.padding_side == "right"  # the training tokenizer is left alone
 
 
-def test_an_answer_cut_by_the_budget_is_reported():
-    model, tokenizer = tiny()
+def test_an_answer_cut_by_the_budget_is_reported(load_tiny):
+    model, tokenizer = load_tiny()
     answer = generate_batch(model, tokenizer, [TAUGHT[0][:1]], GenerationSettings(max_new_tokens=3))[0]
     assert not answer.stopped and len(answer.token_ids) == 3
 
 
-def test_batched_left_padded_generation_matches_one_at_a_time():
-    model, tokenizer = tiny()
+def test_batched_left_padded_generation_matches_one_at_a_time(load_tiny):
+    model, tokenizer = load_tiny()
     prompts = [c[:-1] for c in TAUGHT] + [[{"role": "user", "content": "Salt the pasta water?"}]]
     settings = GenerationSettings(max_new_tokens=8, batch_size=3)
     batched = generate_batch(model, tokenizer, prompts, settings)
@@ -156,9 +151,24 @@ def test_batched_left_padded_generation_matches_one_at_a_time():
     assert [g.token_ids for g in batched] == [g.token_ids for g in alone]
 
 
-def test_generation_speed_counts_exactly_the_requested_tokens():
-    model, tokenizer = tiny()
-    assert generation_speed(model, tokenizer, TAUGHT[0][:1], new_tokens=4, repeats=1) > 0
+def test_generation_speed_times_exactly_the_requested_tokens_even_past_a_stop_token(monkeypatch, load_tiny):
+    model, tokenizer = load_tiny()
+    prompt = TAUGHT[0][:1]
+    inputs = tokenizer(render_prompt(prompt, tokenizer), add_special_tokens=False, return_tensors="pt")
+    with torch.inference_mode():
+        first = int(model(**inputs).logits[0, -1].argmax())
+    model.generation_config.eos_token_id = [first]  # greedy decoding would stop at once without min_new_tokens
+    produced, generate = [], model.generate
+
+    def counting_generate(**kwargs):
+        output = generate(**kwargs)
+        produced.append(output.shape[1] - kwargs["input_ids"].shape[1])
+        return output
+
+    monkeypatch.setattr(model, "generate", counting_generate)
+    rate = generation_speed(model, tokenizer, prompt, new_tokens=4, repeats=3)
+    assert produced == [2, 4, 4, 4]  # the warm-up, then every timed run exactly the requested 4 tokens
+    assert rate > 0
 
 
 # --- memory for batched generation ------------------------------------------------------------------
@@ -229,11 +239,11 @@ def test_missing_adapter_names_the_notebook_to_run(tmp_path):
         require_adapter(tmp_path / "nothing", "notebooks/03_lora_finetuning.ipynb")
 
 
-def test_adapter_for_another_base_model_is_refused(taught_adapter, tmp_path):
+def test_adapter_for_another_base_model_is_refused(taught_adapter, tmp_path, load_tiny):
     config = json.loads((taught_adapter / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "/somewhere/smol-phi3-v1"
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
-    model, _ = tiny()
+    model, _ = load_tiny()
     with pytest.raises(ValueError, match="trained on '/somewhere/smol-phi3-v1'"):
         attach_adapter(model, tmp_path)
 
@@ -254,11 +264,11 @@ def test_merged_model_gives_the_unmerged_logits(taught):
     assert (logits - base).abs().max() > 1e-2  # the adapter changed the model: the check above means something
 
 
-def test_qlora_adapter_merges_into_full_precision_weights(tmp_path):
+def test_qlora_adapter_merges_into_full_precision_weights(tmp_path, load_tiny):
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=torch.float32)
     quantized, tokenizer = load_model_and_tokenizer("tiny", quantization_config=quantization, verbose=False,
-                                                     hardware=CPU)
+                                                     hardware=Hardware(cuda=False))
     assert quantized_modules(quantized)
     torch.manual_seed(0)
     qlora = get_peft_model(quantized, LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
@@ -266,7 +276,7 @@ def test_qlora_adapter_merges_into_full_precision_weights(tmp_path):
         merge_adapter(qlora)  # never into the 4-bit weights
     qlora.save_pretrained(tmp_path / "qlora")
 
-    full, _ = tiny()
+    full, _ = load_tiny()
     unmerged = attach_adapter(full, tmp_path / "qlora").eval()
     input_ids = torch.tensor([tokenize_conversation(TAUGHT[0], tokenizer)["input_ids"]])
     with torch.inference_mode():
@@ -287,7 +297,9 @@ def test_merged_model_reloads_with_plain_transformers(taught, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     reloaded_tokenizer = AutoTokenizer.from_pretrained(folder)
     input_ids = torch.tensor([tokenize_conversation(TAUGHT[0], tokenizer)["input_ids"]])
-    assert max_logit_difference(merged, reloaded, input_ids) < 1e-6
+    with torch.inference_mode():
+        difference = (merged(input_ids=input_ids).logits - reloaded(input_ids=input_ids).logits).abs().max()
+    assert difference < 1e-6
     assert sorted(reloaded.generation_config.eos_token_id) == [32000, 32007]
     assert "generation %}" not in reloaded_tokenizer.chat_template
     assert reloaded_tokenizer.apply_chat_template(TAUGHT[1], tokenize=False) == \

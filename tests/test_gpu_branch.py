@@ -19,10 +19,11 @@ import nbformat
 import pytest
 import torch
 
+from utils.checkpoints import COMPLETE_MARKER
 from utils.data import load_split
 from utils.models import Hardware, detect_hardware
 from utils.paths import NOTEBOOKS_DIR
-from utils.training import COMPLETE_MARKER, optimizer_steps, training_config
+from utils.training_settings import optimizer_steps, training_config
 
 CONVERSATIONS = 64
 TRAIN, HELD_OUT = 58, 6  # every tenth conversation (indices 9, 19, ..., 59) is held out for validation

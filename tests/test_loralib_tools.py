@@ -29,16 +29,14 @@ from utils.loralib_tools import (
     merged_linear_rows,
     peft_config_for,
     peft_tensors,
-    qkv_widths,
     read_lora_checkpoint,
     read_lora_settings,
     save_lora_checkpoint,
     sliced_rows,
-    uses_grouped_query_attention,
 )
-from utils.models import phi3_mini_config
+from utils.phi3 import phi3_mini_config, qkv_widths, uses_grouped_query_attention
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small matmuls: one thread, restored after each test
 
 TOKENS = torch.tensor([[1, 17, 42, 99, 3, 64, 8, 120], [1, 5, 6, 7, 8, 9, 10, 11]])
 
@@ -367,62 +365,3 @@ def test_peft_export_of_part_of_the_layers_targets_full_names() -> None:
 
     model.model.layers[1].mlp.down_proj = linear_with_lora(layer, LoraSettings(r=2, alpha=4))
     assert peft_config_for(model).target_modules == {"model.layers.1.mlp.down_proj"}
-
-
-# ----------------------------------------------------------------------------------------------- data
-
-
-def _chat(*turns: str) -> dict:
-    """A conversation from alternating user / assistant texts."""
-    return {"messages": [{"role": ("user", "assistant")[i % 2], "content": text} for i, text in enumerate(turns)]}
-
-
-def test_conversation_batches_pad_labels_with_ignore_index() -> None:
-    from utils.loralib_tools import conversation_batches
-    from utils.models import load_tokenizer
-
-    tokenizer = load_tokenizer("tiny")
-    chats = [_chat("Why rest steak?", "In short: juices settle.\nTip: tent it with foil."),
-             _chat("Salt pasta water? " * 30, "In short: yes.\nTip: taste it.")]
-    batches, report = conversation_batches(chats, tokenizer, batch_size=2, max_length=64, seed=0)
-    assert len(batches) == 1 and batches[0]["input_ids"].shape[0] == 1  # no reply of the long one fits: dropped
-    assert (report.dropped, report.truncated) == (1, 0)
-    batch = conversation_batches(chats[:1] * 3, tokenizer, batch_size=2, max_length=64, seed=0)[0][0]
-    assert batch["input_ids"].shape == batch["labels"].shape
-    assert ((batch["labels"] == -100) | (batch["labels"] == batch["input_ids"])).all()
-    with pytest.raises(ValueError, match="max_length"):
-        conversation_batches(chats[1:], tokenizer, batch_size=2, max_length=64, seed=0)
-    with pytest.raises(ValueError, match="truncate"):
-        conversation_batches(chats, tokenizer, batch_size=2, max_length=64, seed=0, policy="count")
-
-
-def test_conversation_batches_never_end_a_row_inside_an_assistant_reply() -> None:
-    """Every row is the chat template's own rendering of a prefix that ends with a whole reply (and its <|end|>)."""
-    from utils.loralib_tools import conversation_batches
-    from utils.models import load_tokenizer
-
-    tokenizer = load_tokenizer("tiny")
-    long_reply = ("In short: yes, rest it too.\n" + "Chicken keeps cooking while it rests, so pull it early. " * 8
-                  + "\nTip: tent it.")
-    chats = [_chat("Why rest steak?", "In short: juices settle.\nTip: tent it with foil."),
-             _chat("Should fish rest?", "In short: briefly.\nTip: a minute.", "And chicken?", long_reply),
-             _chat("Salt pasta water? " * 30, "In short: yes.\nTip: taste it.")]
-    max_length = 80
-    batches, report = conversation_batches(chats, tokenizer, batch_size=2, max_length=max_length, seed=0)
-
-    def rendered(messages: list[dict]) -> tuple[int, ...]:
-        return tuple(tokenizer.apply_chat_template(messages, return_dict=True)["input_ids"])
-
-    whole_turns = {rendered(c["messages"][:end]) for c in chats
-                   for end in range(2, len(c["messages"]) + 1, 2)}  # every prefix ending with an assistant reply
-    rows = [tuple(ids[mask.bool()].tolist()) for batch in batches
-            for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
-    assert len(rendered(chats[1]["messages"])) > max_length >= len(rendered(chats[1]["messages"][:2]))
-    assert all(row in whole_turns for row in rows), "a row was cut inside a turn"
-    assert sorted(rows) == sorted([rendered(chats[0]["messages"]), rendered(chats[1]["messages"][:2])])
-    assert (report.truncated, report.dropped) == (1, 1)
-    end, eos = tokenizer.convert_tokens_to_ids("<|end|>"), tokenizer.eos_token_id
-    for batch in batches:  # and the loss of every row ends with the reply's <|end|> and the final eos
-        for labels, mask in zip(batch["labels"], batch["attention_mask"]):
-            labelled = labels[mask.bool() & (labels != -100)].tolist()
-            assert labelled[-1] == eos and end in labelled[-4:], tokenizer.decode(labelled[-8:])

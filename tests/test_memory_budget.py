@@ -24,7 +24,7 @@ import nbformat
 import pytest
 import torch
 
-from utils.memory import GIB
+from utils.memory import GIB, kv_cache_bytes_per_token
 from utils.memory_budget import (
     CARDS,
     CUDA_OVERHEAD_GIB,
@@ -32,15 +32,15 @@ from utils.memory_budget import (
     T4,
     budget_table,
     full_weight_bytes,
-    kv_cache_bytes_per_token,
     notebook_peak,
     price_snapshot,
     quantized_weight_bytes,
     read_trace,
     scaled_adapter_parameters,
 )
-from utils.models import TINY_PHI3_CONFIG, phi3_mini_config
+from utils.models import TINY_PHI3_CONFIG
 from utils.paths import NOTEBOOKS_DIR, REPO_ROOT
+from utils.phi3 import phi3_mini_config
 from utils.series import series_notebooks
 
 TRACE_ENV_VAR = "PHI3_LORA_MEMORY_TRACE"
@@ -102,7 +102,7 @@ def test_kv_cache_per_token_matches_the_cache_transformers_builds():
     output = model(input_ids=torch.ones(1, tokens, dtype=torch.long, device="meta"), use_cache=True)
     cache = getattr(output, "cache", None) or output.past_key_values
     cache_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-    assert kv_cache_bytes_per_token() == cache_bytes / tokens == 393_216  # 0.375 MiB per token
+    assert kv_cache_bytes_per_token(phi3_mini_config()) == cache_bytes / tokens == 393_216  # 0.375 MiB per token
 
 
 def test_adapter_parameters_scale_to_what_peft_builds_on_phi3_mini():

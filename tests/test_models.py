@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Phi3ForCausalLM
 
 from utils import models
-from utils.assets import AssetError, atomic_directory, phi3_vocab_oracle, verify_sha256
+from utils.assets import AssetError, phi3_vocab_oracle, verify_sha256
+from utils.atomic import atomic_folder
 from utils.convert import llama_to_phi3, phi3_config_from_llama
-from utils.models import (
-    Hardware,
-    PHI3_SPECIAL_TOKENS,
-    build_phi3_tokenizer,
-    load_model_and_tokenizer,
-    plan_loading,
-    resolve_model_name,
-)
+from utils.models import Hardware, build_phi3_tokenizer, load_model_and_tokenizer, plan_loading, resolve_model_name
+from utils.phi3 import PHI3_SPECIAL_TOKENS, phi3_mini_config
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +38,22 @@ def test_special_token_ids(phi3_tokenizer):
     assert phi3_tokenizer.eos_token_id == 32000
     assert phi3_tokenizer.pad_token_id == 32000
     assert phi3_tokenizer.bos_token_id == 1
+
+
+def test_load_tokenizer_builds_no_model_and_equals_the_tokenizer_saved_beside_it(tmp_path, monkeypatch):
+    built = models.build_tiny_phi3()  # in the real cache: the tokenizer the tiny model was saved with
+    beside_the_model = models._use_training_template(AutoTokenizer.from_pretrained(built))
+    empty_cache = tmp_path / "cache"
+    shutil.copytree(build_phi3_tokenizer(), empty_cache / build_phi3_tokenizer().name)  # the tokenizer alone
+    monkeypatch.setenv("PHI3_LORA_CACHE", str(empty_cache))
+    for name in ("tiny", "phi3-mini-random"):
+        tokenizer = models.load_tokenizer(name)
+        assert sorted(path.name for path in empty_cache.iterdir()) == [build_phi3_tokenizer().name]  # no model built
+        assert tokenizer.get_vocab() == beside_the_model.get_vocab()
+        assert tokenizer.chat_template == beside_the_model.chat_template
+        assert (tokenizer.eos_token, tokenizer.pad_token, tokenizer.padding_side, tokenizer.model_max_length) == (
+            beside_the_model.eos_token, beside_the_model.pad_token, beside_the_model.padding_side,
+            beside_the_model.model_max_length)
 
 
 def test_chat_template_renders_phi3_format_with_system_turn():
@@ -216,6 +229,7 @@ def test_smol_phi3_matches_the_original_smollm2():
     assert "Paris" in tokenizer.decode(answer[0, inputs["input_ids"].shape[1]:])
 
 
+@pytest.mark.slow
 def test_smol_training_template_renders_like_smollm2s_own():
     tokenizer = models.load_tokenizer("smol")
     original = (models._TEMPLATES / "smollm2.jinja").read_text(encoding="utf-8")
@@ -241,7 +255,7 @@ def test_checksum_mismatch_is_a_clear_error(tmp_path):
 def test_failed_build_leaves_nothing_behind(tmp_path):
     target = tmp_path / "model"
     with pytest.raises(RuntimeError):
-        with atomic_directory(target) as staging:
+        with atomic_folder(target, manifest=False) as staging:
             (staging / "half-written").write_text("x")
             raise RuntimeError("crash mid-build")
     assert not target.exists()
@@ -296,7 +310,7 @@ def test_the_full_size_stand_in_has_phi3_minis_published_size():
     choice = resolve_model_name("phi3-mini-random")
     assert choice.is_builtin and "random" in models.MODEL_CHOICES[choice.name]
     with torch.device("meta"):
-        model = Phi3ForCausalLM(models.phi3_mini_config())
+        model = Phi3ForCausalLM(phi3_mini_config())
     assert sum(p.numel() for p in model.parameters()) == 3_821_079_552  # microsoft/Phi-3-mini-4k-instruct
     assert model.model.layers[0].self_attn.qkv_proj.out_features == 3 * 3072
 

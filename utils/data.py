@@ -1,4 +1,4 @@
-"""Conversation data: the shipped splits, loaders for common formats, validation, Phi-3 formatting.
+"""Conversation data: the shipped splits, loaders for common formats, and validation with clear errors.
 
 Every loader returns conversations in the *messages* format that chat templates and trl's SFTTrainer
 read: ``{"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}``, with an
@@ -7,30 +7,35 @@ optional system message first, then user and assistant turns alternating, ending
 Bad input never passes silently: by default the first bad record raises :class:`DataValidationError`
 naming the file, the line (or record index), the field and the fix; with ``lenient=True`` bad records
 are skipped and every skip is reported (:attr:`LoadResult.skipped`, and a logged warning).
+Turning conversations into tokens, masks and lengths is :mod:`utils.tokenization`.
 """
 
 from __future__ import annotations
 
+import contextvars
 import csv
 import io
 import json
 import logging
 import re
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+import datasets
+
+from utils.control_tokens import find_control_tokens, neutralise_control_tokens
 from utils.paths import DATA_DIR
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
-IGNORE_INDEX = -100  # label value that the loss ignores
 ROLES = ("system", "user", "assistant")
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_response")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 FILE_KINDS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv"}
-LENGTH_POLICIES = ("count", "truncate", "drop")
 HOUSE_STYLE_FIRST = "In short: "  # every assistant reply in the shipped set starts with this line...
 HOUSE_STYLE_LAST = "Tip: "  # ...and ends with this one
 
@@ -42,6 +47,15 @@ _FORMAT_HELP = (
     "prompt_response: columns named by prompt_column / response_column"
 )
 _SURROGATE = re.compile("[\ud800-\udfff]")  # where undecodable bytes end up (errors="surrogateescape")
+CONTROL_TOKEN_POLICIES = ("reject", "escape")
+_control_tokens: contextvars.ContextVar[str] = contextvars.ContextVar("control_tokens", default="reject")
+_TURN_KEYS_NOTE = "the series trains on each turn's role and text only"
+
+
+def printable(text: str) -> str:
+    """``text`` with undecodable bytes shown as ``\\xNN`` and lone surrogates as ``\\udNNN``: always printable."""
+    return _SURROGATE.sub(lambda m: (f"\\x{ord(m.group()) - 0xDC00:02x}" if 0xDC80 <= ord(m.group()) <= 0xDCFF
+                                     else f"\\u{ord(m.group()):04x}"), text)
 
 
 # --- problems and results ---------------------------------------------------------------------
@@ -58,7 +72,7 @@ class Problem:
     fix: str
 
     def __str__(self) -> str:
-        return f"{self.source}, {self.location}, field {self.field!r}: {self.message}. Fix: {self.fix}."
+        return printable(f"{self.source}, {self.location}, field {self.field!r}: {self.message}. Fix: {self.fix}.")
 
 
 class DataValidationError(ValueError):
@@ -119,45 +133,165 @@ def _json_array_records(text: str) -> Iterator[tuple[str, Any]]:
         position = whitespace.match(text, end).end()
 
 
+def _wide_encoding(data: bytes) -> str | None:
+    """``UTF-16``/``UTF-32`` (byte-order mark) or ``UTF-16LE``/``-BE`` (NUL bytes between ASCII), else None."""
+    if data.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+        return "UTF-32"
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "UTF-16"
+    head = data[:4096]
+    if not head or head.count(b"\x00") * 4 < len(head):  # UTF-8 text has no NUL bytes; UTF-16 ASCII has one in two
+        return None
+    if head.count(b"\x00") * 4 >= len(head) * 3:
+        return "UTF-32LE" if head[:1] != b"\x00" else "UTF-32BE"
+    return "UTF-16LE" if head[1::2].count(b"\x00") > head[::2].count(b"\x00") else "UTF-16BE"
+
+
 def _read_text(path: Path) -> str:
     """The file's text; bytes that are not UTF-8 are kept as surrogates so validation can point at them."""
-    return path.read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+    data = path.read_bytes()
+    wide = _wide_encoding(data)
+    if wide is not None:
+        family = wide[:6]
+        raise DataValidationError(Problem(
+            str(path), "(whole file)", "(encoding)", f"this is {family} text ({wide}), but the loader reads UTF-8",
+            f"convert it: `iconv -f {wide} -t UTF-8 {path.name} > {path.stem}-utf8{path.suffix}` (or in Python: "
+            f"Path(out).write_text(Path(src).read_text(encoding='{wide.lower()}'), encoding='utf-8'))"), hint=False)
+    return data.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+
+
+def _json_loads(text: str) -> Any:
+    """``json.loads``, with nesting beyond Python's recursion limit as a ValueError instead of a RecursionError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+_TOO_DEEP = ("JSON nested too deeply for the parser (hundreds of levels of [ or {)",
+             "a conversation needs only messages -> turns -> role and content: flatten the record")
+
+
+@contextmanager
+def _no_field_limit() -> Iterator[None]:
+    """Lift the csv module's 131072-character cell limit while reading, then restore it (it is global)."""
+    old = csv.field_size_limit()
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    try:
+        yield
+    finally:
+        csv.field_size_limit(old)
+
+
+def _parse_table(text: str, delimiter: str, quoting: int) -> tuple[list[str], list[tuple[int, int, dict[Any, Any]]]]:
+    """Header and (first line, last line, row), rows shaped as csv.DictReader shapes them (extra cells under None)."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting, strict=True)
+    header: list[str] | None = None
+    rows = []
+    start = 1
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as error:
+            raise _QuoteError(start, str(error)) from None
+        if header is None:
+            header = cells
+        elif cells:
+            row: dict[Any, Any] = dict(zip(header, cells))
+            row.update({key: None for key in header[len(cells):]})
+            if len(cells) > len(header):
+                row[None] = cells[len(header):]
+            rows.append((start, reader.line_num, row))
+        start = reader.line_num + 1
+    return header or [], rows
+
+
+class _QuoteError(Exception):
+    """A csv quoting error, with the line on which the broken row starts."""
+
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(message)
+        self.line = line
+
+
+def _read_table(path: Path, kind: str, delimiter: str) -> tuple[list[str], list[tuple[int, int, dict[Any, Any]]], str]:
+    """(header, rows, note) of a CSV/TSV file; a TSV whose quotes are not CSV quoting is read with quotes as text."""
+    text = _read_text(path)
+    with _no_field_limit():
+        try:
+            header, rows = _parse_table(text, delimiter, csv.QUOTE_MINIMAL)
+            note = ""
+        except _QuoteError as error:
+            if kind != "tsv":
+                raise DataValidationError(Problem(
+                    str(path), f"line {error.line}", "(row)",
+                    f"a quote in the row starting here is not closed where CSV expects ({error}); an unclosed quote "
+                    "swallows the rows after it, so nothing after it can be trusted",
+                    'close the quote, write a quote inside a quoted cell as "", or save the file again from the '
+                    "spreadsheet as CSV"), hint=False) from None
+            header, rows = _parse_table(text, delimiter, csv.QUOTE_NONE)
+            note = "; quotes read as text (not CSV-style TSV quoting)"
+    return header, rows, note
 
 
 def _file_records(path: Path, kind: str, delimiter: str) -> Iterator[tuple[str, Any]]:
     """(location, record) pairs; a line that is not JSON gives a :class:`_Bad` in place of the record."""
-    text = _read_text(path)
+    if kind in ("csv", "tsv"):
+        text = ""
+    else:
+        text = _read_text(path)
     if kind == "json" and text.lstrip().startswith("["):
         try:
-            json.loads(text)
-        except json.JSONDecodeError as error:
+            _json_loads(text)
+        except ValueError as error:
+            if not isinstance(error, json.JSONDecodeError):
+                problem = Problem(str(path), "(whole file)", "(file)", *_TOO_DEEP)
+                raise DataValidationError(problem, hint=False) from None
             raise DataValidationError(Problem(
                 str(path), f"line {error.lineno}", "(file)", f"invalid JSON at column {error.colno}: {error.msg}",
                 "repair the file; a JSON array is parsed as a whole, so one broken record makes the whole file "
                 "unreadable (JSON Lines, one record per line, lets lenient mode skip just that line)"), hint=False)
-        yield from _json_array_records(text)
+        try:
+            yield from _json_array_records(text)
+        except RecursionError:
+            raise DataValidationError(Problem(str(path), "(whole file)", "(file)", *_TOO_DEEP), hint=False) from None
         return
     if kind in ("json", "jsonl"):  # JSON Lines (datasets' `to_json` also writes JSON Lines into .json files)
-        for number, line in enumerate(text.splitlines(), start=1):
+        # Lines end at "\n" only: str.splitlines() would also split at U+2028, U+2029 and U+0085, which valid
+        # JSON may hold raw inside its strings.
+        for number, line in enumerate(text.split("\n"), start=1):
+            line = line.removesuffix("\r")
             if not line.strip():
                 continue
             try:
-                yield f"line {number}", json.loads(line)
+                yield f"line {number}", _json_loads(line)
             except json.JSONDecodeError as error:
                 yield f"line {number}", _Bad("(line)", f"invalid JSON at column {error.colno}: {error.msg}",
                                              "write each record as one complete JSON object on its own line")
+            except ValueError:
+                yield f"line {number}", _Bad("(line)", *_TOO_DEEP)
         return
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-    for row in reader:
-        yield f"line {reader.line_num}", row
+    _, rows, _ = _read_table(path, kind, delimiter)
+    for start, end, row in rows:
+        short = [key for key, value in row.items() if value is None]
+        spanning = [key for key, value in row.items() if isinstance(value, str) and "\n" in value]
+        if short and spanning:  # a quote opened in one row and closed rows later: those rows became one cell
+            yield f"line {end}", _Bad(spanning[0], f"a quoted cell opens on line {start} and runs to line {end}, and "
+                                      f"the row lacks {', '.join(map(repr, short))}: an unclosed quote has swallowed "
+                                      "the rows after it", 'close the quote where the cell ends (a quote inside a '
+                                      'quoted cell is written "")')
+            continue
+        # Spreadsheet exports end lines inside cells with \r\n or \r: the training text gets \n.
+        yield f"line {end}", {key: value.replace("\r\n", "\n").replace("\r", "\n") if isinstance(value, str)
+                              else value for key, value in row.items()}
 
 
 def _hub_or_missing(source: str, split: str) -> Any:
     """A dataset from the Hugging Face Hub, or a clear error when ``source`` is neither a file nor reachable."""
     if Path(source).suffix.lower() in FILE_KINDS or not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
         raise FileNotFoundError(f"{source}: no such file. Check the path (relative paths start at {Path.cwd()}).")
-    import datasets
-
     try:
         return datasets.load_dataset(source, split=split)
     except Exception as error:  # offline, unknown id, no such split: say which, and what to do
@@ -186,6 +320,14 @@ def _text(value: Any, field: str, *, required: bool = True) -> str:
                    "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or fix the garbled text")
     if required and not value.strip():
         raise _Bad(field, "empty text", "write the message, or remove the turn (and its reply)")
+    tokens = find_control_tokens(value)
+    if tokens:
+        if _control_tokens.get() == "escape":
+            return neutralise_control_tokens(value)
+        more = f" (and {len(tokens) - 1} more: {', '.join(sorted(set(tokens[1:])))})" if len(tokens) > 1 else ""
+        raise _Bad(field, f"contains the chat-template control token {tokens[0]}{more}: the chat template would "
+                          "render it as a real turn boundary and inject a fake turn into the training text",
+                   "remove it, or pass control_tokens='escape' to keep it as plain text")
     return value
 
 
@@ -248,6 +390,7 @@ def _read_turns(
         if not isinstance(turn, Mapping):
             raise _Bad(where, f"expected an object with {role_key} and {content_key}, got {turn!r:.40}",
                        f'write {{"{role_key}": ..., "{content_key}": ...}}')
+        _check_turn_keys(turn, where, role_key, content_key)
         role = _text(turn.get(role_key), f"{where}.{role_key}")
         if role not in roles:
             raise _Bad(f"{where}.{role_key}", f"unknown {noun} {role!r}", f"use one of {', '.join(roles)}")
@@ -255,45 +398,85 @@ def _read_turns(
     return messages
 
 
+def _check_turn_keys(turn: Mapping[str, Any], where: str, role_key: str, content_key: str) -> None:
+    """Refuse per-turn keys that would change the meaning if dropped: ``weight`` other than 1, and any other key."""
+    for key in turn:
+        if key in (role_key, content_key) or turn[key] is None:  # None: absent (datasets fills missing keys so)
+            continue
+        if key == "weight":
+            weight = turn[key]
+            if type(weight) in (int, float) and weight == 1:
+                continue
+            raise _Bad(f"{where}.weight", f"weight {weight!r}: in OpenAI's fine-tuning format weight 0 means 'do not "
+                       "train on this turn', and this series trains on every assistant turn, so the weight cannot "
+                       "be honoured", "end the conversation before that turn (or split it into two conversations "
+                       "without it), or set weight to 1")
+        raise _Bad(f"{where}.{key}", f"unknown per-turn key {key!r}: {_TURN_KEYS_NOTE}, so it would be dropped "
+                   "silently", f"remove {key!r} from the turns, or fold what it says into the text")
+
+
 def _from_messages(record: Mapping[str, Any]) -> tuple[list[dict[str, str]], set[str]]:
-    """Messages format (OpenAI / Hugging Face): ``messages`` of ``{role, content}``."""
+    """Messages format (OpenAI / Hugging Face): ``messages`` of ``{role, content}``; optional top-level ``system``."""
     messages = _read_turns(record, "messages", "role", "content", {role: role for role in ROLES}, "role")
-    _check_order(messages)
-    return messages, {"messages"}
+    system = _text(record.get("system"), "system", required=False)
+    offset = 0
+    if system.strip():
+        if messages[0]["role"] == "system":
+            raise _Bad("system", "a top-level system prompt and a system message in messages[0]: which one applies?",
+                       "keep one of them")
+        messages.insert(0, {"role": "system", "content": system})
+        offset = 1
+    _check_order(messages, offset=offset)
+    return messages, {"messages", "system"}
 
 
 def _from_sharegpt(record: Mapping[str, Any]) -> tuple[list[dict[str, str]], set[str]]:
     """ShareGPT: ``conversations`` of ``{from, value}`` (system, human/user, gpt/assistant); optional ``system``."""
     messages = []
-    if record.get("system") is not None and _text(record["system"], "system", required=False).strip():
-        messages.append({"role": "system", "content": record["system"]})
+    system = _text(record.get("system"), "system", required=False)
+    if system.strip():
+        messages.append({"role": "system", "content": system})
     messages += _read_turns(record, "conversations", "from", "value", SHAREGPT_ROLES, "speaker")
     _check_order(messages, "conversations", "from", offset=len(messages) - len(record["conversations"]))
     return messages, {"conversations", "system"}
 
 
 def _from_alpaca(record: Mapping[str, Any]) -> tuple[list[dict[str, str]], set[str]]:
-    """Alpaca: ``instruction`` + optional ``input`` (appended after a blank line) -> user; ``output`` -> assistant."""
+    """Alpaca: ``instruction`` + optional ``input`` (appended after a blank line) -> user; ``output`` -> assistant.
+
+    ``history`` (optional): earlier ``[instruction, output]`` pairs, which become the turns before.
+    """
     instruction = _text(record.get("instruction"), "instruction")
     extra = _text(record.get("input"), "input", required=False).strip()
     system = _text(record.get("system"), "system", required=False).strip()
     user = f"{instruction}\n\n{extra}" if extra else instruction
     messages = [{"role": "system", "content": system}] if system else []
+    history = record.get("history")
+    if history is not None and not isinstance(history, list):
+        raise _Bad("history", f"must be a list of [instruction, output] pairs, got {type(history).__name__}",
+                   'write "history": [["earlier question", "earlier answer"], ...]')
+    for index, pair in enumerate(history or []):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise _Bad(f"history[{index}]", f"expected an [instruction, output] pair, got {pair!r:.60}",
+                       "give each earlier turn as a two-item list: the question and the answer")
+        messages += [{"role": "user", "content": _text(pair[0], f"history[{index}][0]")},
+                     {"role": "assistant", "content": _text(pair[1], f"history[{index}][1]")}]
     reply = _text(record.get("output"), "output")
     messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
-    return messages, {"instruction", "input", "output", "system"}
+    return messages, {"instruction", "input", "output", "system", "history"}
 
 
 def _from_columns(
     record: Mapping[str, Any], prompt: str, response: str, system: str | None
 ) -> tuple[list[dict[str, str]], set[str]]:
     """A table row: the prompt column -> user, the response column -> assistant, an optional system column."""
-    if None in record:  # csv.DictReader puts cells beyond the header under the key None
+    if None in record:  # cells beyond the header are kept under the key None (as csv.DictReader does)
         raise _Bad("(row)", f"{len(record[None])} more cell(s) than the header has columns",
                    "quote cells that contain the delimiter, or remove the extra cells")
     messages = []
-    if system is not None and _text(record.get(system), system, required=False).strip():
-        messages.append({"role": "system", "content": record[system]})
+    system_text = _text(record.get(system), system, required=False) if system is not None else ""
+    if system_text.strip():
+        messages.append({"role": "system", "content": system_text})
     messages += [{"role": "user", "content": _text(record.get(prompt), prompt)},
                  {"role": "assistant", "content": _text(record.get(response), response)}]
     return messages, {prompt, response, system or ""}
@@ -331,7 +514,7 @@ def _open_source(
             if format not in (None, "prompt_response"):
                 raise ValueError(f"{path}: a {kind.upper()} file holds prompt/response columns, "
                                  f"not {format!r} records.")
-            header = next(csv.reader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter), [])
+            header, _, note = _read_table(path, kind, delimiter)
             for column in columns:
                 if column is not None and column not in header:
                     found = ", ".join(header) or "nothing"
@@ -339,7 +522,7 @@ def _open_source(
                         str(path), "line 1", column, f"no column {column!r} in the header (found: {found})",
                         "rename the column, or name yours with prompt_column= / response_column= / system_column="),
                         hint=False)
-            return str(path), _file_records(path, kind, delimiter), "prompt_response", f"a .{kind} file"
+            return str(path), _file_records(path, kind, delimiter), "prompt_response", f"a .{kind} file{note}"
         return str(path), _file_records(path, kind, delimiter), format, "named by the caller" if format else ""
     if isinstance(source, (str, Path)):
         source = _hub_or_missing(str(source), split)
@@ -359,14 +542,30 @@ def load_conversations(
     response_column: str = "response",
     system_column: str | None = None,
     split: str = "train",
+    control_tokens: str = "reject",
 ) -> LoadResult:
     """Load conversations from a file, a ``datasets.Dataset``, a list of records or a Hub id, into messages.
 
     Files: ``.jsonl`` / ``.json`` (messages, ShareGPT or Alpaca records; a JSON array or JSON Lines),
     ``.csv`` / ``.tsv`` (``prompt_column`` and ``response_column``, optional ``system_column``).
     ``format`` (one of :data:`FORMATS`) is detected from the first record's keys when not given.
-    ``split`` applies to Hub ids only. Strict by default; ``lenient=True`` skips and reports bad records.
+    ``split`` applies to Hub ids only. Strict by default; ``lenient=True`` skips and reports bad records
+    (and refuses a source of which it keeps nothing). Chat-template control tokens (``<|end|>``, ...) in
+    the text are refused (``control_tokens="reject"``) or made plain text (``"escape"``).
     """
+    if control_tokens not in CONTROL_TOKEN_POLICIES:
+        raise ValueError(f"Unknown control_tokens={control_tokens!r}; "
+                         f"choose one of {', '.join(CONTROL_TOKEN_POLICIES)}.")
+    policy = _control_tokens.set(control_tokens)
+    try:
+        return _load_conversations(source, format, lenient, prompt_column, response_column, system_column, split)
+    finally:
+        _control_tokens.reset(policy)
+
+
+def _load_conversations(source: Any, format: str | None, lenient: bool, prompt_column: str, response_column: str,
+                        system_column: str | None, split: str) -> LoadResult:
+    """:func:`load_conversations` without the control-token policy."""
     if format is not None and format not in FORMATS:
         raise ValueError(f"Unknown format {format!r}; choose one of {', '.join(FORMATS)} (or None to detect it).")
     name, records, format, how = _open_source(source, format, split, (prompt_column, response_column, system_column))
@@ -381,10 +580,13 @@ def load_conversations(
             format = _detect_format(record, prompt_column, response_column)
             if format is None:
                 keys = ", ".join(map(repr, record)) if isinstance(record, Mapping) else type(record).__name__
-                raise DataValidationError(Problem(
+                problem = Problem(
                     name, location, "(record)", f"cannot tell the format from this record (keys: {keys})",
-                    f"pass format= one of {', '.join(FORMATS)}; the formats look like this: {_FORMAT_HELP}"),
-                    hint=False)
+                    f"pass format= one of {', '.join(FORMATS)}; the formats look like this: {_FORMAT_HELP}")
+                if not lenient:
+                    raise DataValidationError(problem, hint=False)
+                skipped.append(problem)  # the next records may still say which format this is
+                continue
             how = f"detected from the keys of {location}"
         try:
             row = _record(record)
@@ -400,6 +602,12 @@ def load_conversations(
     if count == 0:
         raise DataValidationError(Problem(name, "(whole source)", "(records)", "no records at all",
                                           "check that you passed the right file or split"), hint=False)
+    if not conversations:
+        first = "; ".join(f"{p.location}, field {p.field!r}: {p.message}" for p in skipped[:3])
+        raise DataValidationError(Problem(
+            name, "(whole source)", "(records)", f"all {count} records were skipped, none kept (first: {first})",
+            "fix the records (lenient mode only skips some bad ones), or check the format and column names"),
+            hint=False)
     result = LoadResult(conversations, format or "unknown", name, how or "no record could be read", count, skipped)
     if skipped:
         logger.warning("%s", result.report())
@@ -432,164 +640,13 @@ def follows_house_style(text: str) -> bool:
             and lines[-1].startswith(HOUSE_STYLE_LAST) and bool(lines[-1][len(HOUSE_STYLE_LAST):].strip()))
 
 
-# --- tokens, the assistant mask, and lengths ---------------------------------------------------------
-
-
-def tokenize_conversation(
-    messages: list[dict[str, str]], tokenizer: Any, max_length: int | None = None
-) -> dict[str, list[int]]:
-    """Render with the chat template; labels are the token ids on assistant tokens and -100 elsewhere.
-
-    Uses ``apply_chat_template(..., return_assistant_tokens_mask=True)``, which needs a template with
-    ``{% generation %}`` markers (the model registry installs one). ``max_length`` cuts the token list
-    (possibly mid-turn, as trl does); :func:`fit_to_length` cuts at turn boundaries instead.
-    """
-    encoded = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
-    input_ids = list(encoded["input_ids"])
-    mask = list(encoded["assistant_masks"])
-    if not any(mask):
-        raise ValueError("The chat template marked no assistant tokens: it needs {% generation %} markers.")
-    labels = [token if keep else IGNORE_INDEX for token, keep in zip(input_ids, mask)]
-    if max_length is not None:
-        input_ids, labels = input_ids[:max_length], labels[:max_length]
-    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
-
-
-def assistant_spans(messages: list[dict[str, str]], tokenizer: Any) -> list[list[int]]:
-    """The runs of labelled (assistant) token ids, one per assistant turn: what the loss is computed on."""
-    spans: list[list[int]] = []
-    previous = IGNORE_INDEX
-    for label in tokenize_conversation(messages, tokenizer)["labels"]:
-        if label != IGNORE_INDEX:
-            if previous == IGNORE_INDEX:
-                spans.append([])
-            spans[-1].append(label)
-        previous = label
-    return spans
-
-
-def special_token_ids(tokenizer: Any) -> set[int]:
-    """Ids of every special token (bos/eos/pad and the chat markers such as ``<|user|>``)."""
-    added = {index for index, token in tokenizer.added_tokens_decoder.items() if token.special}
-    return added | set(tokenizer.all_special_ids)
-
-
-def token_table(messages: list[dict[str, str]], tokenizer: Any) -> Any:
-    """One row per token of the rendered conversation: position, id, token, special?, in the loss?"""
-    import pandas as pd
-
-    encoded = tokenize_conversation(messages, tokenizer)
-    special = special_token_ids(tokenizer)
-    return pd.DataFrame({
-        "id": encoded["input_ids"],
-        "token": tokenizer.convert_ids_to_tokens(encoded["input_ids"]),
-        "special": [token in special for token in encoded["input_ids"]],
-        "in_loss": [label != IGNORE_INDEX for label in encoded["labels"]],
-    }).rename_axis("position")
-
-
-def token_texts(ids: list[int], tokenizer: Any) -> list[str]:
-    """The text each token adds to the decoded string (spaces included; "" while a UTF-8 character is incomplete)."""
-    pieces, done = [], ""
-    for end in range(1, len(ids) + 1):
-        text = tokenizer.decode(ids[:end])  # decoding one token alone loses sentencepiece's leading spaces
-        if text.endswith("\ufffd"):
-            pieces.append("")
-            continue
-        pieces.append(text[len(done):])
-        done = text
-    return pieces
-
-
-def mark_assistant_tokens(messages: list[dict[str, str]], tokenizer: Any, *, html: bool = False) -> str:
-    """The rendered conversation with the loss-bearing tokens marked: ``[[...]]`` in text, green in HTML."""
-    import html as html_lib
-
-    encoded = tokenize_conversation(messages, tokenizer)
-    pieces = token_texts(encoded["input_ids"], tokenizer)
-    in_loss = [label != IGNORE_INDEX for label in encoded["labels"]]
-    out, inside = [], False
-    for piece, keep in zip(pieces + [""], in_loss + [False]):
-        if keep != inside:
-            if html:
-                out.append("<span style='background:#c8f7c5'>" if keep else "</span>")
-            else:
-                out.append("[[" if keep else "]]")
-            inside = keep
-        out.append(html_lib.escape(piece) if html else piece)
-    text = "".join(out)
-    return f"<pre style='white-space:pre-wrap'>{text}</pre>" if html else text
-
-
-def conversation_length(messages: list[dict[str, str]], tokenizer: Any) -> int:
-    """Number of tokens of the conversation rendered with the tokenizer's chat template."""
-    return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
-
-
-def truncate_at_turn(messages: list[dict[str, str]], tokenizer: Any, max_length: int) -> list[dict[str, str]] | None:
-    """The longest prefix that fits in ``max_length`` tokens and ends with an assistant turn, or None."""
-    for end in range(len(messages), 0, -1):
-        if messages[end - 1]["role"] == "assistant" and conversation_length(messages[:end], tokenizer) <= max_length:
-            return messages[:end]
-    return None
-
-
-@dataclass
-class LengthReport:
-    """Token lengths before any cut, and what the policy did to the conversations over ``max_length``."""
-
-    max_length: int
-    policy: str
-    lengths: list[int]
-    truncated: int = 0
-    dropped: int = 0
-
-    @property
-    def over(self) -> int:
-        """How many conversations were longer than ``max_length``."""
-        return sum(length > self.max_length for length in self.lengths)
-
-    def __str__(self) -> str:
-        return (f"{len(self.lengths)} conversations, longest {max(self.lengths, default=0)} tokens; "
-                f"{self.over} over max_length={self.max_length} ({self.policy}): "
-                f"{self.truncated} truncated at a turn boundary, {self.dropped} dropped")
-
-
-def fit_to_length(
-    conversations: list[dict[str, Any]], tokenizer: Any, max_length: int, policy: str = "truncate"
-) -> tuple[list[dict[str, Any]], LengthReport]:
-    """Apply a length policy: ``count`` (keep all), ``truncate`` (at a turn boundary; drop if none fits), ``drop``."""
-    if policy not in LENGTH_POLICIES:
-        raise ValueError(f"Unknown length policy {policy!r}; choose one of {', '.join(LENGTH_POLICIES)}.")
-    report = LengthReport(max_length, policy, [conversation_length(c["messages"], tokenizer) for c in conversations])
-    kept = []
-    for conversation, length in zip(conversations, report.lengths):
-        if length <= max_length or policy == "count":
-            kept.append(conversation)
-            continue
-        shorter = truncate_at_turn(conversation["messages"], tokenizer, max_length) if policy == "truncate" else None
-        if shorter is None:
-            report.dropped += 1
-        else:
-            report.truncated += 1
-            kept.append({**conversation, "messages": shorter})
-    if report.over:
-        logger.warning("Length: %s", report)
-    return kept, report
-
-
 def to_sft_dataset(conversations: list[dict[str, Any]]) -> Any:
     """A ``datasets.Dataset`` with one ``messages`` column: what trl's SFTTrainer tokenizes itself."""
-    import datasets
-
     return datasets.Dataset.from_list([{"messages": c["messages"]} for c in conversations])
 
 
-def load_sft_split(
-    split: str, tokenizer: Any, max_length: int, policy: str = "truncate"
-) -> tuple[Any, LengthReport]:
-    """A shipped split, validated and fitted to ``max_length``, as a Dataset for SFTTrainer, with its length report."""
-    conversations, report = fit_to_length(load_split(split), tokenizer, max_length, policy)
-    return to_sft_dataset(conversations), report
+def conversations_dataset(rows: list[dict[str, Any]], name: str = "rows") -> Any:
+    """A ``datasets.Dataset`` of ``messages``, after the same strict checks as every loader."""
+    if not rows:
+        raise ValueError(f"{name} is empty: there is nothing to train or evaluate on.")
+    return to_sft_dataset(load_conversations(rows, format="messages").conversations)

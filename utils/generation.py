@@ -1,25 +1,26 @@
-"""Generation with a chat model: stop ids, prompts, batched greedy decoding, a streaming chat, adapter merging.
+"""Generation with a chat model: stop ids, prompts, batched greedy decoding, speed, a streaming chat.
 
 Model-agnostic on purpose: Phi-3 ends a turn with ``<|end|>`` (32007) and a document with
 ``<|endoftext|>`` (32000); the smol demo model (SmolLM2's ChatML) ends a turn with ``<|im_end|>``.
 The stop ids are read from the tokenizer, its chat template and the model's generation config,
 never hard-coded, and answers are cut at the first stop *token*, never by string surgery.
+Attaching and merging adapters is :mod:`utils.adapters`; the memory a batch needs, :mod:`utils.memory`.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import statistics
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
+
+from utils.control_tokens import neutralise_control_tokens
+from utils.runtime import progress_bar
 
 Messages = list[dict[str, str]]
 
@@ -64,13 +65,6 @@ def left_padding_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedToke
     if left.pad_token is None:
         left.pad_token = left.eos_token
     return left
-
-
-def prompt_messages(conversation: Messages) -> tuple[Messages, str | None]:
-    """Split a conversation into the prompt (everything before the last assistant turn) and that turn's text."""
-    if conversation and conversation[-1]["role"] == "assistant":
-        return conversation[:-1], conversation[-1]["content"]
-    return list(conversation), None
 
 
 def render_prompt(messages: Messages, tokenizer: PreTrainedTokenizerBase) -> str:
@@ -145,7 +139,8 @@ def generate_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p
     # Longest prompts first keeps the padding in each batch small; results go back in the caller's order.
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     results: dict[int, Generated] = {}
-    for start in range(0, len(order), settings.batch_size):
+    for start in progress_bar(range(0, len(order), settings.batch_size), desc="generating", unit="batch",
+                      disable=len(order) <= settings.batch_size):  # no bar for a single batch
         chunk = order[start:start + settings.batch_size]
         batch = left([texts[i] for i in chunk], add_special_tokens=False, padding=True, return_tensors="pt")
         batch = batch.to(model.device)
@@ -190,49 +185,6 @@ def generation_speed(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     return statistics.median(rates)
 
 
-# --- memory for batched generation ----------------------------------------------------------------
-
-def kv_cache_bytes_per_token(config: Any, dtype_bytes: int = 2) -> int:
-    """Bytes of keys and values the KV cache keeps per token: 2 x layers x kv heads x head dim x dtype bytes."""
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
-
-
-def generation_memory_per_sequence(config: Any, prompt_tokens: int, new_tokens: int, dtype_bytes: int = 2) -> int:
-    """Bytes one more sequence adds to a batched ``generate``: its KV cache at full length and its prompt's pass.
-
-    The prompt's pass holds one layer's working tensors at a time (about 4 hidden-sized and 3 MLP-sized per
-    token) and, where attention falls back to PyTorch's plain kernel, the fp32 score matrix of every head;
-    each decoding step adds one fp32 row of logits (and its softmax).
-    """
-    cache = (prompt_tokens + new_tokens) * kv_cache_bytes_per_token(config, dtype_bytes)
-    working = prompt_tokens * (4 * config.hidden_size + 3 * config.intermediate_size) * dtype_bytes
-    scores = config.num_attention_heads * prompt_tokens**2 * 4
-    logits = 2 * config.vocab_size * 4
-    return cache + working + scores + logits
-
-
-def generation_batch_size(config: Any, memory_bytes: float, weights_bytes: float, prompt_tokens: int,
-                          new_tokens: int, dtype_bytes: int = 2) -> int:
-    """The most prompts ``generate`` can answer together in ``memory_bytes`` next to ``weights_bytes`` (10% kept free).
-
-    ``prompt_tokens``: the longest prompt (a batch is padded to it). Raises when not even one sequence fits.
-    """
-    from utils.memory import HEADROOM
-
-    free = memory_bytes / HEADROOM - weights_bytes
-    per_sequence = generation_memory_per_sequence(config, prompt_tokens, new_tokens, dtype_bytes)
-    if free < per_sequence:
-        raise ValueError(
-            f"{memory_bytes / 2**30:.1f} GiB hold the {weights_bytes / 2**30:.1f} GiB of weights but not one "
-            f"{prompt_tokens}+{new_tokens}-token sequence ({per_sequence / 2**30:.2f} GiB, 10% headroom kept): "
-            "lower max_new_tokens or the prompt length, or load the model in 4 bits."
-        )
-    return int(free // per_sequence)
-
-
 # --- a multi-turn chat that streams --------------------------------------------------------------
 
 class ChatSession:
@@ -249,6 +201,7 @@ class ChatSession:
     def send(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
         """Add a user turn, stream the reply (``on_text`` gets each new piece), add it to the history, return it."""
         on_text = on_text or (lambda piece: print(piece, end="", flush=True))  # default: print as it comes
+        text = neutralise_control_tokens(text, template_tokens(self.tokenizer))  # no fake turns from the user
         messages = self.history + [{"role": "user", "content": text}]
         inputs = self.tokenizer(render_prompt(messages, self.tokenizer), add_special_tokens=False,
                                 return_tensors="pt").to(self.model.device)
@@ -284,7 +237,7 @@ class ChatSession:
 
 def chat_box(session: ChatSession) -> Any:
     """A small ipywidgets chat box (JupyterLab, Colab) around a session; building it never blocks."""
-    import ipywidgets as widgets
+    import ipywidgets as widgets  # lazy: only a Jupyter front end (JupyterLab, Colab) can show the box
 
     transcript = widgets.Textarea(value="", layout=widgets.Layout(width="100%", height="240px"), disabled=True)
     entry = widgets.Text(placeholder="Ask the Kitchen Coach...", layout=widgets.Layout(width="80%"))
@@ -313,98 +266,3 @@ def chat_box(session: ChatSession) -> Any:
     box = widgets.VBox([transcript, widgets.HBox([entry, send, clear])])
     box.entry, box.send_button = entry, send  # for scripted use and tests
     return box
-
-
-# --- adapters: find, attach, merge, save -----------------------------------------------------------
-
-def require_adapter(folder: Path, written_by: str) -> Path:
-    """The adapter folder, or a clear error that names the notebook which writes it."""
-    folder = Path(folder)
-    if not (folder / "adapter_config.json").is_file():
-        raise FileNotFoundError(
-            f"No PEFT adapter in {folder} (adapter_config.json is missing): run {written_by} first; it trains "
-            f"the adapter and saves it there (with the same PHI3_LORA_MODEL and PHI3_LORA_OUTPUTS as this notebook)."
-        )
-    return folder
-
-
-def check_adapter_base(folder: Path, model: PreTrainedModel) -> None:
-    """Refuse an adapter that was trained on another base model than the one loaded (e.g. tiny vs smol)."""
-    config = json.loads((Path(folder) / "adapter_config.json").read_text(encoding="utf-8"))
-    trained_on = str(config.get("base_model_name_or_path") or "")
-    loaded = str(getattr(model, "name_or_path", "") or model.config._name_or_path)
-    if trained_on and Path(trained_on.rstrip("/")).name != Path(loaded.rstrip("/")).name:
-        raise ValueError(f"The adapter in {folder} was trained on {trained_on!r}, but the loaded model is "
-                         f"{loaded!r}. Set PHI3_LORA_MODEL to the model the adapter was trained on, or retrain it.")
-
-
-def attach_adapter(model: PreTrainedModel, folder: Path, adapter_name: str = "default") -> Any:
-    """Wrap a base model with a saved adapter (frozen, for inference); a second call adds another adapter."""
-    from peft import PeftModel
-
-    check_adapter_base(folder, model)
-    if isinstance(model, PeftModel):
-        model.load_adapter(str(folder), adapter_name=adapter_name, is_trainable=False)
-        return model
-    return PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name, is_trainable=False)
-
-
-@contextmanager
-def adapter_in_use(peft_model: Any, adapter_name: str | None) -> Iterator[Any]:
-    """Run a block with one named adapter active, or with none (``None``: the base model alone)."""
-    if adapter_name is None:
-        with peft_model.disable_adapter():
-            yield peft_model
-    else:
-        peft_model.set_adapter(adapter_name)
-        yield peft_model
-
-
-def quantized_modules(model: torch.nn.Module) -> list[str]:
-    """Names of bitsandbytes 4-bit / 8-bit linear layers in a model (empty for a 16/32-bit model)."""
-    return [name for name, module in model.named_modules() if type(module).__name__ in ("Linear4bit", "Linear8bitLt")]
-
-
-def merge_adapter(peft_model: Any) -> PreTrainedModel:
-    """Fold the active adapter into the base weights (W + B·A·alpha/r) and return the plain model.
-
-    The base must hold 16/32-bit weights, also for a QLoRA adapter: merging into 4-bit weights would
-    re-quantize W + B·A and round most of the small update away.
-    """
-    quantized = [n for n in quantized_modules(peft_model.get_base_model()) if "lora" not in n]
-    if quantized:
-        raise ValueError(
-            f"The base model holds quantized layers ({quantized[0]}, ...). Load the base without a "
-            "quantization_config (bf16/fp16 on a GPU, fp32 on a CPU), attach the QLoRA adapter to it, then merge."
-        )
-    return peft_model.merge_and_unload()
-
-
-@torch.inference_mode()
-def max_logit_difference(model_a: torch.nn.Module, model_b: torch.nn.Module, input_ids: torch.Tensor) -> float:
-    """Largest absolute difference between two models' logits on the same input ids."""
-    a = model_a(input_ids=input_ids.to(model_a.device)).logits.float()
-    b = model_b(input_ids=input_ids.to(model_b.device)).logits.float()
-    return float((a - b.to(a.device)).abs().max())
-
-
-def serving_chat_template(template: str) -> str:
-    """The chat template without the training-only ``{% generation %}`` markers (same text, any Jinja engine)."""
-    import re
-
-    return re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", template)
-
-
-def save_merged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> Path:
-    """Save a merged model with its tokenizer; its generation config lists every stop id, for any server."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    stops = stop_token_ids(tokenizer, model)
-    model.generation_config.eos_token_id = stops
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(folder)
-    serving = copy.deepcopy(tokenizer)
-    if serving.chat_template:
-        serving.chat_template = serving_chat_template(serving.chat_template)
-    serving.save_pretrained(folder)
-    return folder

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,15 +27,16 @@ from typing import Any, Iterable, Mapping
 
 import loralib as lora
 import torch
+from peft import LoraConfig
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from utils.data import IGNORE_INDEX, LengthReport, fit_to_length, tokenize_conversation
+from utils.atomic import atomic_file, atomic_folder, safetensors_problem, target_lock
+from utils.phi3 import PHI3_LORA_TARGETS, QKV_NAMES, projection_shapes, qkv_widths, uses_grouped_query_attention
 
-PHI3_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
-QKV_NAMES = ("q", "k", "v")
 LORA_MARKER = "lora_"  # loralib's rule: a parameter is a LoRA parameter iff its name contains this
 SETTINGS_METADATA_KEY = "loralib_settings"
-PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 
 
@@ -52,16 +52,16 @@ class LoraSettings:
     r: int = 8
     alpha: float = 16
     dropout: float = 0.05
-    targets: tuple[str, ...] = PHI3_TARGETS
+    targets: tuple[str, ...] = PHI3_LORA_TARGETS
     qkv_slices: tuple[bool, bool, bool] = (True, False, True)  # q, k, v: q and v as in the LoRA paper
     embedding: bool = False  # also put lora.Embedding on the token embedding
 
     def __post_init__(self) -> None:
         if self.r <= 0:
             raise ValueError(f"LoRA rank r must be a positive integer, got {self.r}.")
-        unknown = set(self.targets) - set(PHI3_TARGETS)
+        unknown = set(self.targets) - set(PHI3_LORA_TARGETS)
         if unknown:
-            raise ValueError(f"Unknown Phi-3 target modules {sorted(unknown)}; valid: {list(PHI3_TARGETS)}.")
+            raise ValueError(f"Unknown Phi-3 target modules {sorted(unknown)}; valid: {list(PHI3_LORA_TARGETS)}.")
         if len(self.qkv_slices) != 3 or ("qkv_proj" in self.targets and not any(self.qkv_slices)):
             raise ValueError(f"qkv_slices must be three booleans (q, k, v), at least one True; got {self.qkv_slices}.")
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -80,34 +80,6 @@ class LoraSettings:
     def from_json(cls, text: str) -> "LoraSettings":
         """Settings read back from :meth:`to_json`."""
         return cls(**json.loads(text))
-
-
-def head_dim(config: Any) -> int:
-    """Width of one attention head (``config.head_dim`` when set, else hidden / heads)."""
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def qkv_widths(config: Any) -> tuple[int, int, int]:
-    """Rows of q, k and v inside Phi-3's fused ``qkv_proj`` (k and v are narrower under GQA)."""
-    kv_heads = config.num_key_value_heads or config.num_attention_heads
-    return config.num_attention_heads * head_dim(config), kv_heads * head_dim(config), kv_heads * head_dim(config)
-
-
-def uses_grouped_query_attention(config: Any) -> bool:
-    """True when q, k and v have unequal widths, which ``lora.MergedLinear`` cannot split correctly."""
-    return len(set(qkv_widths(config))) > 1
-
-
-def projection_shapes(config: Any) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each Phi-3 projection in one decoder layer."""
-    hidden, inter = config.hidden_size, config.intermediate_size
-    q_width = config.num_attention_heads * head_dim(config)
-    return {
-        "qkv_proj": (hidden, sum(qkv_widths(config))),
-        "o_proj": (q_width, hidden),
-        "gate_up_proj": (hidden, 2 * inter),
-        "down_proj": (inter, hidden),
-    }
 
 
 def expected_lora_parameters(config: Any, settings: LoraSettings) -> dict[str, int]:
@@ -446,8 +418,6 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
 
 def save_lora_checkpoint(model: nn.Module, path: str | Path, settings: LoraSettings | None = None) -> Path:
     """Save ``lora.lora_state_dict(model)`` as safetensors (the settings go into the file's metadata)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in lora.lora_state_dict(model).items()}
@@ -456,7 +426,8 @@ def save_lora_checkpoint(model: nn.Module, path: str | Path, settings: LoraSetti
     metadata = {"format": "pt"}
     if settings is not None:
         metadata[SETTINGS_METADATA_KEY] = settings.to_json()
-    save_file(tensors, str(path), metadata=metadata)
+    with atomic_file(path) as temporary:  # a kill mid-write leaves the previous file whole
+        save_file(tensors, str(temporary), metadata=metadata)
     return path
 
 
@@ -466,8 +437,10 @@ def read_lora_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"No LoRA checkpoint at {path}: run the training cells (or notebook 02) first.")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
+        problem = safetensors_problem(path)
+        if problem:
+            raise LoraCheckpointError(f"{problem}: its save was interrupted. Run the training cells (or notebook 02) "
+                                      f"again to write it afresh.")
         return load_file(str(path))
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -477,8 +450,6 @@ def read_lora_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
 def read_lora_settings(path: str | Path) -> LoraSettings:
     """The :class:`LoraSettings` stored in a safetensors checkpoint's metadata."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
     if SETTINGS_METADATA_KEY not in metadata:
@@ -529,10 +500,8 @@ def peft_tensors(model: nn.Module, prefix: str = "base_model.model.") -> dict[st
     return {k: v.contiguous().cpu() for k, v in tensors.items()}
 
 
-def peft_config_for(model: nn.Module, base_model_name_or_path: str | None = None):
+def peft_config_for(model: nn.Module, base_model_name_or_path: str | None = None) -> LoraConfig:
     """A ``peft.LoraConfig`` whose per-module rank and alpha give each layer loralib's own scale alpha / r."""
-    from peft import LoraConfig
-
     layers = lora_layers(model)
     if not layers:
         raise ValueError("The model has no loralib layers to export.")
@@ -568,40 +537,9 @@ def peft_config_for(model: nn.Module, base_model_name_or_path: str | None = None
 
 def export_to_peft(model: nn.Module, out_dir: str | Path, base_model_name_or_path: str | None = None) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that ``PeftModel.from_pretrained`` loads."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     config = peft_config_for(model, base_model_name_or_path)
-    config.save_pretrained(str(out_dir))
-    save_file(peft_tensors(model), str(out_dir / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
+    with target_lock(out_dir), atomic_folder(out_dir, manifest=False) as staging:  # PEFT's two files, no more
+        config.save_pretrained(str(staging))  # config and weights appear together, or not at all
+        save_file(peft_tensors(model), str(staging / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
     return out_dir
-
-
-# --------------------------------------------------------------------------------------------------
-# Data for the short training loop
-# --------------------------------------------------------------------------------------------------
-
-
-def conversation_batches(
-    conversations: list[dict[str, Any]], tokenizer: Any, *, batch_size: int, max_length: int, seed: int,
-    policy: str = "truncate",
-) -> tuple[list[dict[str, torch.Tensor]], LengthReport]:
-    """Shuffled, padded batches with assistant-only labels, every row cut at a turn boundary; and the length report.
-
-    Conversations over ``max_length`` tokens go through :func:`utils.data.fit_to_length` first (``truncate``:
-    keep the longest prefix that ends with an assistant reply, drop it if none fits; ``drop``), so no row ends
-    inside a reply. Labels are -100 on the other turns and on the padding.
-    """
-    from transformers import DataCollatorForSeq2Seq
-
-    if policy not in ("truncate", "drop"):
-        raise ValueError(f"Length policy {policy!r}: conversation_batches keeps every row within max_length, so "
-                         f"choose 'truncate' (at a turn boundary) or 'drop'.")
-    fitted, report = fit_to_length(conversations, tokenizer, max_length, policy)
-    if not fitted:
-        raise ValueError(f"No conversation fits in max_length={max_length} tokens ({report}): raise max_length.")
-    rows = [tokenize_conversation(c["messages"], tokenizer) for c in fitted]
-    random.Random(seed).shuffle(rows)
-    collate = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
-    return [collate(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)], report

@@ -11,7 +11,7 @@ run the real Phi-3-mini on a GPU, at the GPU profile's sizes, and keeps the larg
 * LoRA adapters (fp32), scaled from the tiny model's to Phi-3-mini's shapes module by module;
 * optimizer states still alive (a finished Trainer keeps its AdamW moments);
 * while training: activations and logits from :func:`utils.memory.estimate_training_memory` at the GPU
-  profile's batch, length and checkpointing for that card (:func:`utils.training.training_config`), plus
+  profile's batch, length and checkpointing for that card (:func:`utils.training_settings.training_config`), plus
   the adapter's gradients and optimizer states; a hand-written loop (notebook 02) is priced at
   ``CUSTOM_LOOP_BATCH`` x ``CUSTOM_LOOP_SEQ_LEN`` tokens with activation checkpointing;
 * while generating: the KV cache of the recorded batch, prompt and new tokens, plus one step's logits;
@@ -34,8 +34,18 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from utils.memory import GIB, T4_MEMORY_GIB, estimate_training_memory, linear_shapes, parameter_counts
+from utils.memory import (
+    GIB,
+    T4_MEMORY_GIB,
+    activation_bytes_per_layer,
+    estimate_training_memory,
+    kv_cache_bytes_per_token,
+    parameter_counts,
+)
+from utils.models import Hardware
 from utils.paths import REPO_ROOT
+from utils.phi3 import phi3_mini_config, projection_shapes
+from utils.training_settings import training_config
 
 TRACE_ENV_VAR = "PHI3_LORA_MEMORY_TRACE"
 COMPUTE_BYTES = 2  # bf16 or fp16 on a GPU: the dtype plan_loading picks for every full-precision load
@@ -65,14 +75,13 @@ T4 = Card("16 GB T4", T4_MEMORY_GIB, False, "Colab T4: 'GPU 0 has a total capaci
 L4 = Card("24 GB L4/A10G", 22.03, True, "L4: 'total capacity of 22.03 GiB' (nvidia-smi: L4 23,034 MiB, "
                                         "A10G 23,028 MiB)")
 A100_40GB = Card("40 GB A100", 39.50, True, "A100-40GB: 'total capacity of 39.50 GiB' (nvidia-smi: 40,960 MiB)")
-CARDS = (T4, L4, A100_40GB)
+CARDS = (T4, L4, A100_40GB)  # the cards every notebook is priced on (the README's table)
+A100_80GB = Card("80 GB A100", 79.15, True, "A100-80GB: 'total capacity of 79.15 GiB' (nvidia-smi: 81,920 MiB)")
 
 
 @lru_cache(maxsize=1)
 def target_config() -> Any:
     """The configuration every traced model is priced as: Phi-3-mini-4k-instruct's published config."""
-    from utils.models import phi3_mini_config
-
     return phi3_mini_config()
 
 
@@ -92,19 +101,6 @@ def quantized_weight_bytes(kind: str, prepared_for_kbit: bool, config: Any = Non
     return counts["linear"] * INT8_BYTES_PER_WEIGHT + counts["other"] * (4 if prepared_for_kbit else COMPUTE_BYTES)
 
 
-def kv_cache_bytes_per_token(config: Any = None, dtype_bytes: int = COMPUTE_BYTES) -> int:
-    """Keys and values of one token in every layer (utils.generation's formula), Phi-3-mini by default."""
-    from utils.generation import kv_cache_bytes_per_token as per_token
-
-    return per_token(config or target_config(), dtype_bytes)
-
-
-def one_layer_activation_bytes(tokens: int, config: Any = None) -> float:
-    """One decoder layer's transient tensors for ``tokens`` tokens (the estimate's per-layer term)."""
-    config = config or target_config()
-    return tokens * (10 * config.hidden_size + 4 * config.intermediate_size) * COMPUTE_BYTES
-
-
 def scaled_adapter_parameters(by_target: dict[str, int], traced_config: dict[str, Any], config: Any = None) -> float:
     """LoRA parameters on Phi-3-mini for the traced model's LoRA parameters per module.
 
@@ -116,7 +112,7 @@ def scaled_adapter_parameters(by_target: dict[str, int], traced_config: dict[str
     if not by_target:
         return 0.0
     traced = SimpleNamespace(**traced_config)
-    traced_shapes, shapes = linear_shapes(traced), linear_shapes(config)
+    traced_shapes, shapes = projection_shapes(traced), projection_shapes(config)
     layers = config.num_hidden_layers / traced.num_hidden_layers
     total = 0.0
     for target, count in by_target.items():
@@ -129,19 +125,15 @@ def scaled_adapter_parameters(by_target: dict[str, int], traced_config: dict[str
 
 def _hardware(card: Card) -> Any:
     """A ``utils.models.Hardware`` describing ``card`` (what detect_hardware() would say on it)."""
-    from utils.models import Hardware
-
     return Hardware(cuda=True, gpu_name=card.label, bf16=card.bf16, gpu_memory_gib=card.memory_gib, gpu_count=1)
 
 
 @lru_cache(maxsize=None)
 def trainer_sizes(method: str, card: Card) -> dict[str, Any]:
-    """Batch, length, checkpointing and optimizer bytes of the GPU profile on ``card`` (utils.training)."""
-    from utils.training import training_config
-
+    """Batch, length, checkpointing and optimizer bytes of the GPU profile on ``card`` (utils.training_settings)."""
     config = training_config("gpu", method, hardware=_hardware(card))
     return {"batch_size": int(config["per_device_train_batch_size"]), "seq_len": int(config["max_length"]),
-            "gradient_checkpointing": bool(config["activation_checkpointing"]),
+            "activation_checkpointing": bool(config["activation_checkpointing"]),
             "optimizer_bytes_per_param": 2 if "8bit" in str(config["optim"]) else 8, "optim": config["optim"]}
 
 
@@ -219,12 +211,12 @@ def price_snapshot(snapshot: dict[str, Any], card: Card, index: int = 0) -> Mome
                 sizes = trainer_sizes(method, card)
             else:
                 sizes = {"batch_size": CUSTOM_LOOP_BATCH, "seq_len": CUSTOM_LOOP_SEQ_LEN,
-                         "gradient_checkpointing": CUSTOM_LOOP_CHECKPOINTING}
+                         "activation_checkpointing": CUSTOM_LOOP_CHECKPOINTING}
             per_param = _optimizer_bytes_per_param(snapshot.get("loop", "custom"), snapshot.get("optimizer", ""),
                                                    method, card)
             estimate = estimate_training_memory(config, method=method, seq_len=sizes["seq_len"],
                                                 batch_size=sizes["batch_size"], compute_bytes=COMPUTE_BYTES,
-                                                gradient_checkpointing=sizes["gradient_checkpointing"])
+                                                activation_checkpointing=sizes["activation_checkpointing"])
             trainable = {k: v for k, v in record.get("trainable_by_target", {}).items() if k != "base"}
             adapter = scaled_adapter_parameters(trainable, record["config"], config)
             parts["activations (training)"] = parts.get("activations (training)", 0.0) + estimate.activations
@@ -239,14 +231,15 @@ def price_snapshot(snapshot: dict[str, Any], card: Card, index: int = 0) -> Mome
             parts["activations (forward)"] = estimate.activations
             parts["logits (forward)"] = estimate.logits
         else:
-            parts["activations (forward)"] = one_layer_activation_bytes(tokens, config)
+            parts["activations (forward)"] = activation_bytes_per_layer(config, tokens, COMPUTE_BYTES)
             parts["logits (forward)"] = tokens * config.vocab_size * (COMPUTE_BYTES + 4)
     elif event == "generate":
         sequences = int(snapshot["batch"]) * max(int(snapshot.get("num_beams", 1)),
                                                  int(snapshot.get("num_return_sequences", 1)))
         length = int(snapshot["prompt"]) + int(snapshot["max_new_tokens"])
-        parts["KV cache"] = sequences * length * kv_cache_bytes_per_token(config)
-        parts["activations (prefill)"] = one_layer_activation_bytes(sequences * int(snapshot["prompt"]), config)
+        parts["KV cache"] = sequences * length * kv_cache_bytes_per_token(config, COMPUTE_BYTES)
+        parts["activations (prefill)"] = activation_bytes_per_layer(config, sequences * int(snapshot["prompt"]),
+                                                                    COMPUTE_BYTES)
         parts["logits (one step)"] = sequences * config.vocab_size * (COMPUTE_BYTES + 4)
     parts["CUDA context and allocator"] = CUDA_OVERHEAD_GIB * GIB
     return cost

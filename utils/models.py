@@ -21,31 +21,35 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    BitsAndBytesConfig,
     Phi3Config,
     Phi3ForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from trl.chat_template_utils import get_training_chat_template, has_generation_markers, phi3_chat_template
 
 from utils.assets import (
+    PHI3_VOCAB_SHA256,
     SMOLLM2_GGUF_SHA256,
-    atomic_directory,
     phi3_vocab_dir,
     smollm2_gguf_path,
     verify_sha256,
 )
+from utils.atomic import atomic_folder, manifest_problem, target_lock
+from utils.convert import llama_to_phi3
 from utils.paths import cache_dir
+from utils.phi3 import PHI3_MINI_CONFIG, PHI3_MINI_ID, PHI3_STOP_TOKEN_IDS, phi3_mini_config
 
 logger = logging.getLogger(__name__)
 
 MODEL_ENV_VAR = "PHI3_LORA_MODEL"
-PHI3_MINI_ID = "microsoft/Phi-3-mini-4k-instruct"
 MODEL_CHOICES: dict[str, str] = {
     "auto": "phi3-mini when a CUDA GPU is present, smol otherwise",
     "tiny": "random ~4M-parameter Phi-3 with the real Phi-3 tokenizer (tests, seconds)",
@@ -53,26 +57,14 @@ MODEL_CHOICES: dict[str, str] = {
     "phi3-mini": f"{PHI3_MINI_ID}, the real 3.8B target (GPU)",
     "phi3-mini-random": "Phi-3-mini's architecture and size, random weights, real tokenizer (GPU checks, no Hub)",
 }
-PHI3_SPECIAL_TOKENS = {"<|endoftext|>": 32000, "<|assistant|>": 32001, "<|system|>": 32006,
-                       "<|end|>": 32007, "<|user|>": 32010}
-
-# Scaled-down Phi-3-mini: same vocabulary, untied head, equal q/k/v widths, fused projections.
+# Scaled-down Phi-3-mini: same vocabulary and token ids, untied head, equal q/k/v widths, fused projections.
 TINY_PHI3_CONFIG: dict[str, Any] = dict(
-    vocab_size=32064, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+    vocab_size=PHI3_MINI_CONFIG["vocab_size"], hidden_size=64, intermediate_size=256, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
     original_max_position_embeddings=4096, tie_word_embeddings=False, sliding_window=None,
-    bos_token_id=1, eos_token_id=32000, pad_token_id=32000,
+    **{key: PHI3_MINI_CONFIG[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")},
 )
 TINY_SEED = 0
-# microsoft/Phi-3-mini-4k-instruct's published config.json (3.8B parameters), for planning and
-# benchmarks on machines without the Hub. Loading the real model reads its own config instead.
-PHI3_MINI_CONFIG: dict[str, Any] = dict(
-    vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
-    num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-    original_max_position_embeddings=4096, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-    rms_norm_eps=1e-5, sliding_window=2047, tie_word_embeddings=False, hidden_act="silu",
-    bos_token_id=1, eos_token_id=32000, pad_token_id=32000,
-)
 _TINY_DIR = "tiny-phi3-v1"
 _SMOL_DIR = "smol-phi3-v1"
 _PHI3_TOKENIZER_DIR = "phi3-tokenizer-v1"
@@ -180,8 +172,6 @@ def plan_loading(hardware: Hardware) -> LoadPlan:
 
 def training_chat_template(tokenizer: PreTrainedTokenizerBase) -> str | None:
     """The tokenizer's chat template with ``{% generation %}`` markers, or None if none is known."""
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-
     template = tokenizer.chat_template
     if template and has_generation_markers(template):
         return template
@@ -204,11 +194,6 @@ def _use_training_template(tokenizer: PreTrainedTokenizerBase) -> PreTrainedToke
     return tokenizer
 
 
-def phi3_mini_config() -> Phi3Config:
-    """The published Phi-3-mini-4k-instruct architecture (no weights)."""
-    return Phi3Config(**PHI3_MINI_CONFIG)
-
-
 def tiny_phi3_model() -> Phi3ForCausalLM:
     """The tiny random Phi-3, initialised from a fixed seed without touching the global RNG."""
     with torch.random.fork_rng(devices=[]):
@@ -216,39 +201,75 @@ def tiny_phi3_model() -> Phi3ForCausalLM:
         return Phi3ForCausalLM(Phi3Config(**TINY_PHI3_CONFIG))
 
 
+def _sha256_text(text: str) -> str:
+    """Hex sha256 of a text (a chat template, a config)."""
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def cached_build(target: Path, inputs: dict[str, Any], what: str, build: Callable[[Path], None]) -> Path:
+    """``target`` when its manifest matches ``inputs``; otherwise build it once, under a lock, and say why.
+
+    Two processes (every rank of ``accelerate launch`` on a cold cache, two notebooks) never build the same
+    folder at once: one builds, the others wait for the lock and then find it built. A folder with no
+    manifest (an interrupted or older build), other inputs, or a missing or truncated file is rebuilt; the
+    old copy stays in place until the new one is complete (:func:`utils.atomic.atomic_folder`).
+    """
+    if manifest_problem(target, inputs) is None:
+        return target
+    with target_lock(target, what=what):
+        problem = manifest_problem(target, inputs)  # another process may have built it while we waited
+        if problem is None:
+            logger.info("%s was built by another process meanwhile: using it.", target)
+            return target
+        if target.exists():
+            logger.warning("Rebuilding the %s: %s.", what, problem)
+        else:
+            logger.info("Building the %s into %s (once).", what, target)
+        with atomic_folder(target, inputs) as staging:
+            build(staging)
+    return target
+
+
+def phi3_tokenizer_inputs() -> dict[str, Any]:
+    """What the cached Phi-3 tokenizer is built from (its manifest must match, or it is rebuilt)."""
+    import transformers
+
+    return {"vocab_sha256": PHI3_VOCAB_SHA256["ggml-vocab-phi-3.gguf"], "transformers": transformers.__version__,
+            "chat_template_sha256": _sha256_text(phi3_chat_template), "model_max_length": 4096}
+
+
 def build_phi3_tokenizer() -> Path:
     """The real Phi-3-mini tokenizer (from llama.cpp's vocab GGUF) with Phi-3-mini's chat template, cached."""
-    target = cache_dir() / _PHI3_TOKENIZER_DIR
-    if (target / "tokenizer.json").exists():
-        return target
-    from trl.chat_template_utils import phi3_chat_template
-
-    tokenizer = AutoTokenizer.from_pretrained(phi3_vocab_dir(), gguf_file="ggml-vocab-phi-3.gguf")
-    tokenizer.chat_template = phi3_chat_template  # the model's current template (system turn supported)
-    tokenizer.model_max_length = 4096
-    tokenizer.padding_side = "right"
-    with atomic_directory(target) as staging:
+    def build(staging: Path) -> None:
+        tokenizer = AutoTokenizer.from_pretrained(phi3_vocab_dir(), gguf_file="ggml-vocab-phi-3.gguf")
+        tokenizer.chat_template = phi3_chat_template  # the model's current template (system turn supported)
+        tokenizer.model_max_length = 4096
+        tokenizer.padding_side = "right"
         tokenizer.save_pretrained(staging)
-    return target
+
+    return cached_build(cache_dir() / _PHI3_TOKENIZER_DIR, phi3_tokenizer_inputs(), "Phi-3 tokenizer", build)
+
+
+def tiny_cache_inputs() -> dict[str, Any]:
+    """What the cached tiny model is built from: its config and seed, and the tokenizer's inputs."""
+    return {**phi3_tokenizer_inputs(), "config": TINY_PHI3_CONFIG, "seed": TINY_SEED}
 
 
 def build_tiny_phi3() -> Path:
     """Build (once) the tiny random Phi-3 used by the tests; returns its folder."""
-    target = cache_dir() / _TINY_DIR
-    if (target / "model.safetensors").exists():
-        return target
-    return _save_with_phi3_tokenizer(tiny_phi3_model(), target)
+    return cached_build(cache_dir() / _TINY_DIR, tiny_cache_inputs(), "tiny random Phi-3",
+                        lambda staging: _save_with_phi3_tokenizer(tiny_phi3_model(), staging))
 
 
-def _save_with_phi3_tokenizer(model: Phi3ForCausalLM, target: Path) -> Path:
-    """Save a built Phi-3 with the real Phi-3 tokenizer and both stop ids, atomically, into ``target``."""
+def _save_with_phi3_tokenizer(model: Phi3ForCausalLM, staging: Path) -> None:
+    """Save a built Phi-3 with the real Phi-3 tokenizer and both stop ids into ``staging``."""
     tokenizer = AutoTokenizer.from_pretrained(build_phi3_tokenizer())
-    model.generation_config.eos_token_id = [PHI3_SPECIAL_TOKENS["<|endoftext|>"], PHI3_SPECIAL_TOKENS["<|end|>"]]
-    model.generation_config.pad_token_id = PHI3_SPECIAL_TOKENS["<|endoftext|>"]
-    with atomic_directory(target) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-    return target
+    model.generation_config.eos_token_id = list(PHI3_STOP_TOKEN_IDS)
+    model.generation_config.pad_token_id = PHI3_MINI_CONFIG["pad_token_id"]
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
 
 
 def load_smollm2_llama(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -261,23 +282,23 @@ def load_smollm2_llama(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedMo
 
 def build_smol_phi3() -> Path:
     """Convert (once) SmolLM2-135M-Instruct into ``Phi3ForCausalLM`` and cache it; returns its folder."""
-    target = cache_dir() / _SMOL_DIR
-    if (target / "model.safetensors").exists():
-        return target
-    from utils.convert import llama_to_phi3
+    import transformers
 
-    verify_sha256(smollm2_gguf_path(), SMOLLM2_GGUF_SHA256)
-    logger.info("Converting SmolLM2-135M-Instruct into Phi-3's layout (about a minute, once).")
-    llama, tokenizer = load_smollm2_llama()
-    phi3 = llama_to_phi3(llama)
-    phi3.generation_config.eos_token_id = tokenizer.eos_token_id
-    phi3.generation_config.pad_token_id = tokenizer.pad_token_id
-    tokenizer.padding_side = "right"
-    tokenizer.model_max_length = phi3.config.max_position_embeddings
-    with atomic_directory(target) as staging:
+    def build(staging: Path) -> None:
+        verify_sha256(smollm2_gguf_path(), SMOLLM2_GGUF_SHA256)
+        logger.info("Converting SmolLM2-135M-Instruct into Phi-3's layout (about a minute, once).")
+        llama, tokenizer = load_smollm2_llama()
+        phi3 = llama_to_phi3(llama)
+        phi3.generation_config.eos_token_id = tokenizer.eos_token_id
+        phi3.generation_config.pad_token_id = tokenizer.pad_token_id
+        tokenizer.padding_side = "right"
+        tokenizer.model_max_length = phi3.config.max_position_embeddings
         phi3.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-    return target
+
+    inputs = {"gguf_sha256": SMOLLM2_GGUF_SHA256, "transformers": transformers.__version__,
+              "chat_template_sha256": _sha256_text((_TEMPLATES / "smollm2.jinja").read_text(encoding="utf-8"))}
+    return cached_build(cache_dir() / _SMOL_DIR, inputs, "smol Phi-3 (SmolLM2-135M)", build)
 
 
 def build_phi3_mini_random() -> Path:
@@ -287,16 +308,19 @@ def build_phi3_mini_random() -> Path:
     notebook) runs at the real size. The weights are drawn from a fixed seed on the GPU when there is one
     and stored in its compute dtype (bf16, or fp16 without native bf16): about 7.6 GB on disk.
     """
-    target = cache_dir() / _PHI3_RANDOM_DIR
-    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
-        return target
     plan = plan_loading(detect_hardware())
-    if plan.device == "cpu":
-        logger.warning("Building the full-size random Phi-3-mini on a CPU: ~15 GB of memory and several minutes.")
-    with torch.random.fork_rng(devices=[]), torch.device(plan.device):
-        torch.manual_seed(TINY_SEED)
-        model = Phi3ForCausalLM(phi3_mini_config()).to(plan.dtype)
-    return _save_with_phi3_tokenizer(model, target)
+
+    def build(staging: Path) -> None:
+        if plan.device == "cpu":
+            logger.warning("Building the full-size random Phi-3-mini on a CPU: ~15 GB of memory and several minutes.")
+        with torch.random.fork_rng(devices=[]), torch.device(plan.device):
+            torch.manual_seed(TINY_SEED)
+            model = Phi3ForCausalLM(phi3_mini_config()).to(plan.dtype)
+        _save_with_phi3_tokenizer(model, staging)
+
+    inputs = {**phi3_tokenizer_inputs(), "config": PHI3_MINI_CONFIG, "seed": TINY_SEED,
+              "dtype": str(plan.dtype).removeprefix("torch.")}
+    return cached_build(cache_dir() / _PHI3_RANDOM_DIR, inputs, "full-size random Phi-3-mini", build)
 
 
 def nf4_config(compute_dtype: torch.dtype | None = None) -> Any:
@@ -305,8 +329,6 @@ def nf4_config(compute_dtype: torch.dtype | None = None) -> Any:
     Under FSDP or DeepSpeed ZeRO-3 the 4-bit weights are stored in the compute dtype
     (``bnb_4bit_quant_storage``): those engines shard only floating-point storage.
     """
-    from transformers import BitsAndBytesConfig
-
     if compute_dtype is None:
         compute_dtype = plan_loading(detect_hardware()).dtype
     extra = {"bnb_4bit_quant_storage": compute_dtype} if sharded_by_accelerate() else {}
@@ -322,7 +344,7 @@ def keep_4bit_layers_differentiable(model: Any) -> int:
     from then on, in training too; it has no backward, so no gradient reaches the layers below.
     ``support_avx512bf16_for_cpu`` is the layer's public switch for it. Call before the first forward.
     """
-    import bitsandbytes as bnb
+    import bitsandbytes as bnb  # lazy: loads a native library (seconds), and only 4-bit models need it
 
     layers = [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)]
     for layer in layers:
@@ -347,9 +369,17 @@ def model_source(choice: ModelChoice) -> str:
     return choice.source
 
 
+def tokenizer_source(choice: ModelChoice) -> str:
+    """Where the tokenizer alone is read: tiny and phi3-mini-random save the built Phi-3 tokenizer unchanged, so it
+    comes from that folder without building their weights; every other model from :func:`model_source`."""
+    if choice.name in ("tiny", "phi3-mini-random"):
+        return str(build_phi3_tokenizer())
+    return model_source(choice)
+
+
 def load_tokenizer(name: str | None = None) -> PreTrainedTokenizerBase:
-    """The tokenizer of the chosen model, with the training variant of its chat template."""
-    return _use_training_template(AutoTokenizer.from_pretrained(model_source(resolve_model_name(name))))
+    """The tokenizer of the chosen model, with the training variant of its chat template (no model is built)."""
+    return _use_training_template(AutoTokenizer.from_pretrained(tokenizer_source(resolve_model_name(name))))
 
 
 def load_model_and_tokenizer(

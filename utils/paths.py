@@ -13,10 +13,14 @@ OUTPUTS_ENV_VAR = "PHI3_LORA_OUTPUTS"
 CACHE_ENV_VAR = "PHI3_LORA_CACHE"
 
 
-def outputs_dir() -> Path:
-    """The git-ignored folder for every artifact (adapters, plots, metrics); ``$PHI3_LORA_OUTPUTS`` overrides it."""
+def outputs_dir(create: bool = True) -> Path:
+    """The git-ignored folder for every artifact (adapters, plots, metrics); ``$PHI3_LORA_OUTPUTS`` overrides it.
+
+    ``create=False`` only names the folder (for settings, which must not write).
+    """
     path = Path(os.environ.get(OUTPUTS_ENV_VAR) or REPO_ROOT / "outputs")
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -38,8 +42,9 @@ MERGED_MODEL = "merged/lora"  # 06: base + LoRA merged into full-precision weigh
 EXECUTED_NOTEBOOKS = "notebooks"  # make demo: the executed notebooks
 
 
-def artifact(relative: str) -> Path:
-    """Absolute path of an artifact under :func:`outputs_dir`; its parent folder is created."""
-    path = outputs_dir() / relative
-    path.parent.mkdir(parents=True, exist_ok=True)
+def artifact(relative: str, create: bool = True) -> Path:
+    """Absolute path of an artifact under :func:`outputs_dir`; its parent folder is created unless ``create=False``."""
+    path = outputs_dir(create) / relative
+    if create:
+        path.parent.mkdir(parents=True, exist_ok=True)
     return path

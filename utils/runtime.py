@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import resource
@@ -11,7 +12,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import torch
+
 SMOKE_ENV_VAR = "PHI3_LORA_SMOKE"
+TEXT_PROGRESS_ENV_VAR = "PHI3_LORA_TEXT_PROGRESS"  # set by `make demo`: papermill keeps text, not widget states
 
 
 def smoke_mode(override: bool | None = None) -> bool:
@@ -19,6 +23,16 @@ def smoke_mode(override: bool | None = None) -> bool:
     if override is not None:
         return override
     return os.environ.get(SMOKE_ENV_VAR, "").strip().lower() in ("1", "true", "yes")
+
+
+def progress_bar(iterable, **kwargs):
+    """A tqdm bar: a widget in JupyterLab, text in a terminal, and text under ``make demo`` (papermill), whose saved
+    notebooks keep a widget only as its first state."""
+    if os.environ.get(TEXT_PROGRESS_ENV_VAR):
+        from tqdm.std import tqdm
+    else:
+        from tqdm.auto import tqdm
+    return tqdm(iterable, **kwargs)
 
 
 def configure_logging(level: int = logging.INFO) -> None:
@@ -31,8 +45,6 @@ def configure_logging(level: int = logging.INFO) -> None:
 
 def peak_memory_bytes() -> int:
     """Peak memory of this process so far: CUDA max allocated on a GPU, peak RSS on the CPU."""
-    import torch
-
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -57,8 +69,6 @@ class Stopwatch:
 @contextmanager
 def torch_threads(count: int) -> Iterator[None]:
     """Run a block with a fixed number of intra-op threads (benchmarks and tests record it)."""
-    import torch
-
     before = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
@@ -90,10 +100,6 @@ def logit_tolerance(dtype, same_kernels: bool = True) -> float:
 
 def free_accelerator_memory() -> None:
     """Return freed tensors' memory to the system: garbage-collect, then empty the CUDA cache on a GPU."""
-    import gc
-
-    import torch
-
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

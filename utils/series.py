@@ -15,6 +15,7 @@ from pathlib import Path
 
 from utils.models import MODEL_ENV_VAR
 from utils.paths import EXECUTED_NOTEBOOKS, NOTEBOOKS_DIR, artifact, outputs_dir
+from utils.runtime import TEXT_PROGRESS_ENV_VAR
 
 
 def series_notebooks(folder: Path = NOTEBOOKS_DIR) -> list[Path]:
@@ -24,10 +25,11 @@ def series_notebooks(folder: Path = NOTEBOOKS_DIR) -> list[Path]:
 
 def run_series(model: str | None = None, only: list[str] | None = None) -> list[tuple[str, float]]:
     """Execute every notebook (or those whose name starts with one of ``only``); returns (name, seconds)."""
-    import papermill
+    import papermill  # lazy: a test/demo tool, not installed on Colab (utils.colab.NOT_ON_COLAB)
 
     if model:
         os.environ[MODEL_ENV_VAR] = model
+    os.environ[TEXT_PROGRESS_ENV_VAR] = "1"  # the kernels inherit it: the saved notebooks keep the bars as text
     target = artifact(EXECUTED_NOTEBOOKS + "/.keep").parent
     timings: list[tuple[str, float]] = []
     for notebook in series_notebooks():

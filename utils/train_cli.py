@@ -1,12 +1,12 @@
 """Train a LoRA or QLoRA adapter from the command line; ``accelerate launch`` runs it unchanged on many devices.
 
-    python -m utils.train --config configs/lora-smol-cpu.yaml
-    python -m utils.train --model tiny --method qlora --set max_steps=20 --set learning_rate=1e-3
-    accelerate launch --config_file configs/ddp.yaml -m utils.train --config configs/lora-phi3-gpu.yaml
+    python -m utils.train_cli --config configs/lora-smol-cpu.yaml
+    python -m utils.train_cli --model tiny --method qlora --set max_steps=20 --set learning_rate=1e-3
+    accelerate launch --config_file configs/ddp.yaml -m utils.train_cli --config configs/lora-phi3-gpu.yaml
 
 The YAML file holds ``model``, ``method``, ``profile``, ``run_name`` and two mappings,
-``training`` and ``peft``, that override :func:`utils.training.training_config` and
-:func:`utils.training.peft_config`; command-line flags override the file. Every process
+``training`` and ``peft``, that override :func:`utils.training_settings.training_config` and
+:func:`utils.training_settings.peft_config`; command-line flags override the file. Every process
 trains; only the main process writes checkpoints' shared files and the final adapter.
 """
 
@@ -17,24 +17,30 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
-from utils.models import nf4_config  # noqa: F401  (re-exported: the script's QLoRA storage, also used by notebooks)
-from utils.paths import LORA_ADAPTER, QLORA_ADAPTER, artifact
+import torch
+import yaml
+from peft import prepare_model_for_kbit_training
 
-logger = logging.getLogger("utils.train")
+from utils.adapters import add_lora_adapter
+from utils.data import load_conversations, load_split
+from utils.models import detect_hardware, load_model_and_tokenizer, nf4_config, sharded_by_accelerate
+from utils.paths import LORA_ADAPTER, QLORA_ADAPTER, artifact
+from utils.runtime import configure_logging
+from utils.tokenization import fit_to_length
+from utils.training import train
+from utils.training_settings import peft_config, training_config
 
 FILE_KEYS = {"model", "method", "profile", "run_name", "adapter_dir", "train_file", "eval_file",
-             "train_limit", "eval_limit", "resume", "threads", "training", "peft"}
+             "train_limit", "eval_limit", "resume", "overwrite", "allow_changed_resume", "threads", "training",
+             "peft"}
 
 
 def yaml_load(text: str) -> Any:
     """YAML where only true/false are booleans (plain YAML 1.1 reads ``eval_strategy: no`` as False)."""
-    import re
-
-    import yaml
-
     class Loader(yaml.SafeLoader):
         """SafeLoader with YAML 1.2's booleans and exponent floats."""
 
@@ -76,8 +82,6 @@ def parse_assignment(text: str) -> tuple[str, Any]:
 
 def load_rows(path: str | Path | None, split: str, limit: int | None) -> list[dict[str, Any]]:
     """Validated conversations from any supported file (messages, ShareGPT, Alpaca, CSV/TSV), or the shipped split."""
-    from utils.data import load_conversations, load_split
-
     rows = load_split(split) if path is None else load_conversations(path).conversations
     return rows[:limit] if limit else rows
 
@@ -87,12 +91,12 @@ def full_tensor(parameter: Any) -> Any:
 
     Collective under sharding: every rank must call it, in the same order.
     """
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor  # lazy: torch builds without distributed support lack it
 
     if isinstance(parameter, DTensor):
         return parameter.full_tensor()
     if hasattr(parameter, "ds_id"):  # a DeepSpeed ZeRO-3 parameter: gather it for the duration of the read
-        import deepspeed
+        import deepspeed  # lazy: optional, only installed where ZeRO-3 runs
 
         with deepspeed.zero.GatheredParameters([parameter]):
             return parameter.data.clone()
@@ -114,7 +118,7 @@ def adapter_checksum(model: Any) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    parser = argparse.ArgumentParser(prog="python -m utils.train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m utils.train_cli", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML run configuration (see configs/)")
     parser.add_argument("--model", help="tiny, smol, phi3-mini, auto, a hub id or folder (default: $PHI3_LORA_MODEL)")
     parser.add_argument("--method", choices=("lora", "qlora"))
@@ -127,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-limit", type=int, help="use only the first N validation conversations")
     parser.add_argument("--resume", action="store_true", default=None,
                         help="continue from the newest complete checkpoint of the run")
+    parser.add_argument("--overwrite", action="store_true", default=None,
+                        help="delete the complete checkpoints of an earlier run of this name and start over")
+    parser.add_argument("--allow-changed-resume", action="store_true", default=None,
+                        help="resume even though the config or the training data changed since the checkpoint")
     parser.add_argument("--threads", type=int, help="torch intra-op threads per process")
     parser.add_argument("--set", dest="training_set", action="append", type=parse_assignment, default=[],
                         metavar="KEY=VALUE", help="override a training_config key (repeatable)")
@@ -137,14 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Merge defaults, the YAML file and the command line (the command line wins)."""
-    settings: dict[str, Any] = {"method": "lora", "resume": False, "training": {}, "peft": {}}
+    settings: dict[str, Any] = {"method": "lora", "resume": False, "overwrite": False, "allow_changed_resume": False,
+                                "training": {}, "peft": {}}
     if args.config:
         file_settings = read_config_file(args.config)
         settings.update({k: v for k, v in file_settings.items() if k not in ("training", "peft")})
         settings["training"].update(file_settings.get("training") or {})
         settings["peft"].update(file_settings.get("peft") or {})
     for key in ("model", "method", "profile", "run_name", "adapter_dir", "train_file", "eval_file",
-                "train_limit", "eval_limit", "resume", "threads"):
+                "train_limit", "eval_limit", "resume", "overwrite", "allow_changed_resume", "threads"):
         value = getattr(args, key)
         if value is not None:
             settings[key] = value
@@ -155,13 +164,6 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run one training from the command line; returns the run's metrics."""
-    import torch
-    from peft import prepare_model_for_kbit_training
-
-    from utils.data import fit_to_length
-    from utils.models import detect_hardware, load_model_and_tokenizer, sharded_by_accelerate
-    from utils.training import add_lora_adapter, peft_config, train, training_config
-
     settings = resolve_settings(build_parser().parse_args(argv))
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if settings.get("threads"):
@@ -188,13 +190,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = add_lora_adapter(model, lora, seed=config["seed"])
     if config.get("max_length"):  # cut long conversations at a turn boundary, not mid-reply
-        train_rows, report = fit_to_length(train_rows, tokenizer, config["max_length"])
-        eval_rows, _ = fit_to_length(eval_rows, tokenizer, config["max_length"])
+        train_rows, train_report = fit_to_length(train_rows, tokenizer, config["max_length"])
+        eval_rows, eval_report = fit_to_length(eval_rows, tokenizer, config["max_length"])
         if rank == 0:
-            print(f"Training data: {report}")
+            print(f"Training data: {train_report}\nValidation data: {eval_report}")
     adapter_dir = Path(settings.get("adapter_dir") or artifact(QLORA_ADAPTER if method == "qlora" else LORA_ADAPTER))
     result = train(model, tokenizer, train_rows, eval_rows, config, adapter_dir=adapter_dir,
-                   resume=bool(settings.get("resume")))
+                   resume=bool(settings.get("resume")), overwrite=bool(settings.get("overwrite")),
+                   allow_changed_resume=bool(settings.get("allow_changed_resume")))
     # One line per process: every rank trained the same number of steps and holds the same weights.
     print(f"[rank {rank} of {world}] {result.metrics['steps']} steps, adapter checksum "
           f"{adapter_checksum(result.trainer.model)}", flush=True)
@@ -205,7 +208,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from utils.runtime import configure_logging
-
     configure_logging(logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING)
     main()
