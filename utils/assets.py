@@ -8,24 +8,31 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
+import os
 import shutil
-import subprocess
-import sys
 import tarfile
 import tempfile
-from contextlib import contextmanager
+import urllib.parse
+import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
+from utils.atomic import atomic_folder, sha256_file
 from utils.paths import cache_dir
 
 logger = logging.getLogger(__name__)
 
 # The real Phi-3 tokenizer: llama.cpp ships a vocab-only GGUF converted from
 # microsoft/Phi-3-mini-4k-instruct, plus reference token ids, inside the llama-cpp-python sdist.
-LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
+LLAMA_CPP_PROJECT, LLAMA_CPP_VERSION = "llama-cpp-python", "0.3.36"
+LLAMA_CPP_SDIST = f"{LLAMA_CPP_PROJECT}=={LLAMA_CPP_VERSION}"
 LLAMA_CPP_SDIST_FILE = "llama_cpp_python-0.3.36.tar.gz"
+# The sdist's own sha256, as PyPI's JSON API lists it (https://pypi.org/pypi/llama-cpp-python/json, 0.3.36).
+# It is also where llama.cpp's converters come from (utils.export) and what `make llama-cpp` builds.
+LLAMA_CPP_SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+PYPI_JSON = "https://pypi.org/pypi/{project}/json"
 PHI3_VOCAB_MEMBER_DIR = "llama_cpp_python-0.3.36/vendor/llama.cpp/models"
 PHI3_VOCAB_SHA256 = {
     "ggml-vocab-phi-3.gguf": "967d7190d11c4842eab697079d98d56c2116e10eb617be355a2733bfc132e326",
@@ -44,18 +51,9 @@ class AssetError(RuntimeError):
     """An offline asset is missing or does not match its recorded checksum."""
 
 
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify_sha256(path: Path, expected: str) -> None:
     """Raise :class:`AssetError` unless ``path`` has the expected sha256."""
-    actual = sha256_of(path)
+    actual = sha256_file(path)
     if actual != expected:
         raise AssetError(
             f"{path}: sha256 {actual} does not match the recorded {expected}. "
@@ -63,48 +61,76 @@ def verify_sha256(path: Path, expected: str) -> None:
         )
 
 
-@contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder that replaces ``target`` only if the block finishes without error."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+def _pypi_file_url(project: str, version: str, filename: str, sha256: str, opener: Any) -> str:
+    """The download address of one release file, from PyPI's JSON API; the sha256 it lists must be ours."""
+    index = PYPI_JSON.format(project=project)
+    with opener(index, timeout=60) as response:
+        releases = json.load(response).get("releases", {})
+    entry = next((item for item in releases.get(version, []) if item.get("filename") == filename), None)
+    if entry is None:
+        raise AssetError(f"PyPI lists no {filename} for {project} {version} ({index}).")
+    listed = entry.get("digests", {}).get("sha256")
+    if listed != sha256:
+        raise AssetError(f"PyPI lists sha256 {listed} for {filename}, not the recorded {sha256}: refusing it.")
+    return urllib.parse.urljoin(index, entry["url"])
+
+
+def fetch_pinned_file(project: str, version: str, filename: str, sha256: str, target: Path,
+                      opener: Any = urllib.request.urlopen) -> Path:
+    """Download one pinned release file from PyPI without running anything in it: sha256-checked, atomic.
+
+    ``pip download`` of an sdist would run the package's build backend to read its metadata; here the
+    file's address comes from PyPI's JSON API and the bytes go to a temporary file beside ``target``,
+    hashed on the way. Only a file with the recorded sha256 is renamed into place; a wrong one is deleted.
+    """
+    if target.is_file():
+        verify_sha256(target, sha256)
+        return target
     try:
-        yield staging
-        if target.exists():  # an incomplete or outdated copy: replace it
-            shutil.rmtree(target, ignore_errors=True)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not target.exists():
-                raise
-            logger.info("%s was built concurrently by another process; keeping that copy.", target)
+        url = _pypi_file_url(project, version, filename, sha256, opener)
+    except OSError as error:  # no network, or PyPI unreachable
+        raise AssetError(f"Could not read PyPI's JSON API for {project} ({error}); {filename} is needed once, "
+                         f"then cached as {target}. Copy a file with sha256 {sha256} there to work offline.") from error
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{filename}.", suffix=".part", delete=False)
+    temporary = Path(handle.name)
+    try:
+        digest = hashlib.sha256()
+        with handle, opener(url, timeout=600) as response:
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                digest.update(chunk)
+                handle.write(chunk)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if digest.hexdigest() != sha256:
+            raise AssetError(f"{url}: sha256 {digest.hexdigest()} does not match the recorded {sha256}; "
+                             f"the download was deleted.")
+        os.chmod(temporary, 0o644)  # a temporary file is private; the cached asset is an ordinary file
+        os.replace(temporary, target)
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        temporary.unlink(missing_ok=True)
+    return target
+
+
+def llama_cpp_sdist() -> Path:
+    """The pinned llama-cpp-python sdist in the cache: fetched once from PyPI, sha256-checked, never built here."""
+    return fetch_pinned_file(LLAMA_CPP_PROJECT, LLAMA_CPP_VERSION, LLAMA_CPP_SDIST_FILE, LLAMA_CPP_SDIST_SHA256,
+                             cache_dir() / "sdist" / LLAMA_CPP_SDIST_FILE)
 
 
 def phi3_vocab_dir() -> Path:
-    """Folder holding ``ggml-vocab-phi-3.gguf`` and its ``.inp``/``.out`` oracle files, fetched once from PyPI."""
+    """Folder holding ``ggml-vocab-phi-3.gguf`` and its ``.inp``/``.out`` oracle files, from the verified sdist."""
     target = cache_dir() / "phi3-vocab"
     if all((target / name).exists() for name in PHI3_VOCAB_SHA256):
         return target
-    with atomic_directory(target) as staging:
-        logger.info("Fetching the Phi-3 vocabulary from the %s sdist on PyPI (about 77 MB, once).", LLAMA_CPP_SDIST)
-        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                   "-d", str(staging), LLAMA_CPP_SDIST]
-        result = subprocess.run(command, capture_output=True, text=True)
-        sdist = staging / LLAMA_CPP_SDIST_FILE
-        if not sdist.exists():
-            raise AssetError(
-                f"Could not download {LLAMA_CPP_SDIST} from PyPI (needed for the real Phi-3 tokenizer).\n"
-                f"Command: {' '.join(command)}\n{result.stderr[-2000:]}"
-            )
+    logger.info("Fetching the Phi-3 vocabulary from the %s sdist on PyPI (about 77 MB, once).", LLAMA_CPP_SDIST)
+    sdist = llama_cpp_sdist()
+    with atomic_folder(target, manifest=False) as staging:
         with tarfile.open(sdist) as archive:
             for name in PHI3_VOCAB_SHA256:
                 member = archive.getmember(f"{PHI3_VOCAB_MEMBER_DIR}/{name}")
                 with archive.extractfile(member) as source, open(staging / name, "wb") as sink:
                     shutil.copyfileobj(source, sink)
-        sdist.unlink()
         for name, expected in PHI3_VOCAB_SHA256.items():
             verify_sha256(staging / name, expected)
     return target
