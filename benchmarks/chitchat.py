@@ -3,7 +3,7 @@
 Each conversation of the Chit Chat Challenge corpus (7,168 chats between two people, 138,737
 turns) becomes ``[{"role": "user"|"assistant", "content": ...}, ...]``: the first speaker is the
 user, the other the assistant, consecutive utterances of one speaker are joined with newlines.
-Subsets are drawn by seed and cut at turn boundaries to fit a token budget, so every benchmark
+Subsets are drawn by seed and cut at turn boundaries (``utils.tokenization.truncate_at_turn``) to fit a token budget, so every benchmark
 configuration trains on exactly the same conversations.
 """
 
@@ -68,24 +68,14 @@ def load_conversations() -> list[list[dict[str, str]]]:
     return [c for c in conversations if len(c) >= 4 and c[0]["role"] == "user"]
 
 
-def render_ids(messages: list[dict[str, str]], tokenizer: Any) -> list[int]:
-    """Token ids of a conversation rendered with the tokenizer's chat template."""
-    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
-
-
 def fit_to_budget(messages: list[dict[str, str]], tokenizer: Any, max_tokens: int) -> list[dict[str, str]] | None:
-    """The longest prefix ending on an assistant turn whose rendering fits ``max_tokens`` (None if none does)."""
-    ends = [i + 1 for i, m in enumerate(messages) if m["role"] == "assistant"][1:]  # two exchanges at least
-    best = None
-    low, high = 0, len(ends) - 1
-    while low <= high:  # rendered length grows with the number of turns: binary search
-        middle = (low + high) // 2
-        candidate = messages[: ends[middle]]
-        if len(render_ids(candidate, tokenizer)) <= max_tokens:
-            best, low = candidate, middle + 1
-        else:
-            high = middle - 1
-    return best
+    """``utils.tokenization.truncate_at_turn``, kept only with two exchanges or more (None otherwise)."""
+    from utils.tokenization import truncate_at_turn
+
+    fitted = truncate_at_turn(messages, tokenizer, max_tokens)
+    if fitted is None or sum(m["role"] == "assistant" for m in fitted) < 2:
+        return None
+    return fitted
 
 
 def benchmark_split(

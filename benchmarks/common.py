@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from utils.phi3 import projection_shapes, qkv_widths
+from utils.tokenization import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class BenchConfig:
     packing: bool = False  # trl BFD packing into rows of `pack_length` tokens (implies padding-free)
     padding_free: bool = False  # one row per batch, no padding (without packing)
     group_by_length: bool = False  # batches of similar lengths (padded batches)
-    gradient_checkpointing: bool = True  # trl's default, and the Cookbook's
+    activation_checkpointing: bool = True  # trl's default, and the Cookbook's (its `gradient_checkpointing=True`)
     checkpoint_every_n_layers: int = 1  # with checkpointing: recompute only every n-th decoder layer (transformers 5)
     varlen_sdpa: bool = False  # utils.speed: SDPA per conversation in padding-free rows
     compact_head: bool = False  # utils.speed: the LM head scores only labelled positions (CPU)
@@ -38,17 +39,17 @@ class BenchConfig:
             assistant_only_loss=self.assistant_only_loss,
             packing=self.packing,
             padding_free=self.padding_free,
-            gradient_checkpointing=self.gradient_checkpointing,
+            activation_checkpointing=self.activation_checkpointing,
             train_sampling_strategy="group_by_length" if self.group_by_length else "random",
         )
         if self.packing:
             kwargs["packing_strategy"] = "bfd"
         if self.text_field:
             kwargs["dataset_text_field"] = "text"
-        if self.gradient_checkpointing:
-            kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+        if self.activation_checkpointing:
+            kwargs["activation_checkpointing_kwargs"] = {"use_reentrant": False}
             if self.checkpoint_every_n_layers > 1:
-                kwargs["gradient_checkpointing_kwargs"]["every_n_layers"] = self.checkpoint_every_n_layers
+                kwargs["activation_checkpointing_kwargs"]["every_n_layers"] = self.checkpoint_every_n_layers
         if self.liger:
             kwargs["use_liger_kernel"] = True
         return kwargs
@@ -104,13 +105,11 @@ def model_flops(config: Any, counts: Counts) -> float:
     counts the causal query-key pairs of each conversation: 2 matmuls of ``hidden`` width forward, 2x
     that backward. Recomputation by gradient checkpointing is not useful work and is not counted.
     """
-    hidden, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    kv = (config.num_key_value_heads or config.num_attention_heads) * head_dim
-    per_layer = hidden * (hidden + 2 * kv) + hidden * hidden + hidden * 2 * inter + inter * hidden
+    layers = config.num_hidden_layers
+    per_layer = sum(fan_in * fan_out for fan_in, fan_out in projection_shapes(config).values())
     linear = 4 * per_layer * layers * counts.real
-    head = 4 * config.vocab_size * hidden * counts.labelled
-    attention = 3 * 4 * config.num_attention_heads * head_dim * layers * counts.attention_pairs
+    head = 4 * config.vocab_size * config.hidden_size * counts.labelled
+    attention = 3 * 4 * qkv_widths(config)[0] * layers * counts.attention_pairs  # q width = heads x head_dim
     return float(linear + head + attention)
 
 
@@ -146,9 +145,9 @@ def ratios(rows: list[dict[str, Any]], baseline: str) -> None:
     for row in rows:
         if base is None or "error" in row:
             continue
-        for ratio, field in RATIO_FIELDS.items():
+        for ratio, measured in RATIO_FIELDS.items():
             # a tiny model can train inside memory the process already had: nothing to divide by
-            row[ratio] = row[field] / base[field] if base[field] > 0 else math.nan
+            row[ratio] = row[measured] / base[measured] if base[measured] > 0 else math.nan
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

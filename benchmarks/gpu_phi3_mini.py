@@ -1,8 +1,8 @@
 """The GPU half of the speed benchmark: full-size Phi-3-mini (random weights), LoRA bf16 and QLoRA at 2048.
 
 The device machine has no Hub access, so the model is built from Phi-3-mini-4k-instruct's published
-architecture (``utils.models.PHI3_MINI_CONFIG``) with random weights; speed and memory do not
-depend on the weights' values. Two steps:
+architecture (``utils.phi3.PHI3_MINI_CONFIG``) with random weights (the model registry's
+``phi3-mini-random``, ``utils.models.build_phi3_mini_random``); speed and memory do not depend on the weights' values. Two steps:
 
 1. here (CPU, has the chitchat package and the built tokenizer)::
 
@@ -14,7 +14,7 @@ depend on the weights' values. Two steps:
        python -m benchmarks.gpu_phi3_mini
        # carry: outputs/bench/gpu_conversations.json, .cache/phi3-tokenizer-v1
 
-It builds the random model once (bf16 safetensors in a temporary folder), then runs, one process
+It builds the random model once (into the cache, in the GPU's compute dtype), then runs, one process
 each: the Cookbook baseline and the series' defaults, for LoRA (bf16) and QLoRA (NF4), and prints
 the same table as the CPU benchmark with the measured bf16 matmul peak and each run's MFU. QLoRA's
 CUDA max allocated is checked against 16 GiB.
@@ -25,73 +25,55 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import AutoTokenizer
+
+from benchmarks.chitchat import benchmark_split
 from benchmarks.common import BenchConfig, format_table, matmul_peak_flops, ratios
+from benchmarks.train_speed import machine, parse_args, run_config_in_subprocess, run_worker
+from utils.memory import needs_activation_checkpointing
+from utils.models import build_phi3_mini_random, build_phi3_tokenizer, training_chat_template
+from utils.paths import artifact, cache_dir
+from utils.phi3 import phi3_mini_config
 
 SEQUENCE_LENGTH = 2048  # the Cookbook's max_seq_length, and the packed row length of the baselines
 QLORA_BUDGET_GIB = 16.0  # QLoRA Phi-3-mini must fit a 16 GB GPU (T4, V100-16GB, many laptops)
 CONVERSATIONS = "bench/gpu_conversations.json"  # under utils.paths.outputs_dir()
 TOKENIZER_DIR = "phi3-tokenizer-v1"  # under utils.paths.cache_dir(), built by utils.models
-COOKBOOK = dict(text_field=True, packing=True, gradient_checkpointing=True)
+COOKBOOK = dict(text_field=True, packing=True, activation_checkpointing=True)
 DEFAULTS = dict(assistant_only_loss=True, padding_free=True, varlen_sdpa=True, lora_dropout=0.0)  # trl: compact head on GPUs
 
 
 def gpu_configs(lora_checkpointing: bool, qlora_checkpointing: bool, liger: bool) -> dict[str, BenchConfig]:
-    """The GPU rows; gradient checkpointing of the defaults comes from the memory estimate."""
+    """The GPU rows; activation checkpointing of the defaults comes from the memory estimate."""
     rows = [
         BenchConfig("lora-cookbook", "LoRA bf16, Cookbook sample_finetune.py: text, every token, packed 4 x 2048, "
                     "checkpointing", **COOKBOOK),
-        BenchConfig("lora-defaults", "LoRA bf16, the series' defaults", gradient_checkpointing=lora_checkpointing,
+        BenchConfig("lora-defaults", "LoRA bf16, the series' defaults", activation_checkpointing=lora_checkpointing,
                     **DEFAULTS),
         BenchConfig("qlora-cookbook", "QLoRA NF4, Cookbook settings", **COOKBOOK),
         BenchConfig("qlora-defaults", f"QLoRA NF4, the series' defaults ({QLORA_BUDGET_GIB:.0f} GiB budget)",
-                    gradient_checkpointing=qlora_checkpointing, **DEFAULTS),
+                    activation_checkpointing=qlora_checkpointing, **DEFAULTS),
     ]
     if liger:
         rows.append(BenchConfig("lora-defaults-liger", "lora-defaults + Liger kernels",
-                                gradient_checkpointing=lora_checkpointing, liger=True, **DEFAULTS))
+                                activation_checkpointing=lora_checkpointing, liger=True, **DEFAULTS))
     return {row.name: row for row in rows}
 
 
 def checkpointing_needed(method: str, budget_gib: float, tokens_per_step: int) -> bool:
-    """Gradient checkpointing only when the 00_setup memory estimate does not fit the budget."""
-    from utils.memory import needs_gradient_checkpointing
-    from utils.models import phi3_mini_config
-
-    return needs_gradient_checkpointing(phi3_mini_config(), budget_gib * 2**30, method=method,
+    """Activation checkpointing only when the 00_setup memory estimate does not fit the budget."""
+    return needs_activation_checkpointing(phi3_mini_config(), budget_gib * 2**30, method=method,
                                         seq_len=tokens_per_step, batch_size=1, compute_bytes=2)
-
-
-def build_random_phi3(folder: Path, tokenizer_dir: Path, config: Any | None = None, seed: int = 0) -> Path:
-    """Save a Phi-3 with random weights (bf16) and the Phi-3 tokenizer into ``folder``; returns it."""
-    import torch
-    from transformers import AutoTokenizer, Phi3ForCausalLM
-
-    from utils.models import phi3_mini_config
-
-    config = config or phi3_mini_config()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = Phi3ForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
-    del model
-    return folder
 
 
 def export_conversations(path: Path, n_train: int, n_heldout: int, max_tokens: int, seed: int) -> dict[str, Any]:
     """Draw the chitchat conversations (cut to ``max_tokens`` Phi-3 tokens) and save them as JSON."""
-    from benchmarks.chitchat import benchmark_split
-    from utils.models import build_phi3_tokenizer, training_chat_template
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(build_phi3_tokenizer())
     tokenizer.chat_template = training_chat_template(tokenizer)
     train, heldout = benchmark_split(tokenizer, n_train, n_heldout, max_tokens, seed=seed)
@@ -104,8 +86,6 @@ def export_conversations(path: Path, n_train: int, n_heldout: int, max_tokens: i
 
 def options(argv: list[str] | None, configs: dict[str, BenchConfig]) -> argparse.Namespace:
     """The CPU benchmark's options with GPU-sized defaults, plus --export."""
-    from benchmarks.train_speed import parse_args
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--export", action="store_true", help="(CPU) write the conversations file and stop")
     parser.add_argument("--model-dir", type=Path, default=None, help="reuse a built random Phi-3-mini folder")
@@ -116,11 +96,6 @@ def options(argv: list[str] | None, configs: dict[str, BenchConfig]) -> argparse
 
 def main(argv: list[str] | None = None) -> None:
     """Build the random Phi-3-mini, run every GPU configuration, print the table, write the JSON."""
-    import torch
-
-    from benchmarks.train_speed import machine, run_config_in_subprocess, run_worker
-    from utils.paths import artifact, cache_dir
-
     liger = __import__("importlib").util.find_spec("liger_kernel") is not None
     memory = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0.0
     tokens = 4 * SEQUENCE_LENGTH  # the Cookbook's batch: 4 rows of 2048
@@ -146,14 +121,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"{tokenizer_dir} is missing: carry .cache/{TOKENIZER_DIR} (built by utils.models).")
     info = machine()
     peak = matmul_peak_flops(torch.bfloat16, "cuda", size=8192)
-    folder = args.model_dir or Path(tempfile.mkdtemp(prefix="phi3-mini-random-"))
     start = time.perf_counter()
-    if not (folder / "config.json").exists():
-        build_random_phi3(folder, tokenizer_dir)
+    folder = args.model_dir or build_phi3_mini_random()
     print(f"GPU: {info.get('gpu')}, {memory:.0f} GiB; bf16 matmul peak {peak / 1e12:.0f} TFLOP/s; random "
           f"Phi-3-mini built in {time.perf_counter() - start:.0f} s; liger_kernel: {liger}")
     for config in configs.values():
-        print(f"  {config.name:<20} gradient checkpointing: {config.gradient_checkpointing}")
+        print(f"  {config.name:<20} activation checkpointing: {config.activation_checkpointing}")
     rows = []
     for name in args.configs:
         args.model, args.conversations = str(folder), conversations
@@ -180,8 +153,6 @@ def main(argv: list[str] | None = None) -> None:
                                       settings={k: str(v) for k, v in vars(args).items()}, rows=rows,
                                       table=format_table(rows)), indent=1, default=str))
     print(f"\nJSON: {output}")
-    if args.model_dir is None:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

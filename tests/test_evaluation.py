@@ -9,21 +9,18 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from utils.data import IGNORE_INDEX, tokenize_conversation
 from utils.evaluation import (
     LossResult,
     assistant_token_loss,
     opening_logprob,
     prompts_and_references,
     read_results,
-    rouge_l,
     score_answers,
     summarize_generations,
     write_results,
 )
 from utils.generation import Generated, GenerationSettings, render_prompt
-from utils.models import Hardware, load_model_and_tokenizer
-from utils.runtime import torch_threads
+from utils.tokenization import IGNORE_INDEX, tokenize_conversation
 
 CONVERSATIONS = [
     {"messages": [{"role": "user", "content": "Why rest a steak?"},
@@ -37,20 +34,13 @@ CONVERSATIONS = [
     {"messages": [{"role": "user", "content": "Salt the pasta water?"},
                   {"role": "assistant", "content": "Yes, generously."}]},
 ]
-CPU = Hardware(cuda=False)  # fp32 on the CPU even on a GPU machine: the tolerances below are fp32 ones
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matmuls on a shared 2-core machine: one thread is faster and steadier."""
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    """The tiny Phi-3 (random weights) and its tokenizer."""
-    return load_model_and_tokenizer("tiny", for_training=False, verbose=False, hardware=CPU)
+def tiny(load_tiny):
+    """One tiny Phi-3 (random weights) and its tokenizer for the tests that only read it."""
+    return load_tiny()
 
 
 # --- loss ------------------------------------------------------------------------------------------
@@ -76,8 +66,8 @@ def test_padded_batches_give_the_token_weighted_mean_of_single_conversations(tin
     assert batched.loss == pytest.approx(sum(s.loss * s.assistant_tokens for s in singles) / tokens, abs=1e-5)
 
 
-def test_loss_runs_through_an_active_adapter(tiny):
-    model, tokenizer = load_model_and_tokenizer("tiny", for_training=False, verbose=False, hardware=CPU)
+def test_loss_runs_through_an_active_adapter(load_tiny):
+    model, tokenizer = load_tiny()
     base = assistant_token_loss(model, tokenizer, CONVERSATIONS)
     torch.manual_seed(0)
     adapted = get_peft_model(model, LoraConfig(r=4, target_modules=["qkv_proj", "down_proj"],
@@ -116,8 +106,8 @@ def test_opening_logprob_is_the_log_probability_of_the_opening_tokens(tiny):
     assert all(value < 0 for value in expected)
 
 
-def test_opening_logprob_runs_through_an_active_adapter():
-    model, tokenizer = load_model_and_tokenizer("tiny", for_training=False, verbose=False, hardware=CPU)
+def test_opening_logprob_runs_through_an_active_adapter(load_tiny):
+    model, tokenizer = load_tiny()
     prompts, _ = prompts_and_references(CONVERSATIONS[:2])
     base = opening_logprob(model, tokenizer, prompts, "In short:")
     torch.manual_seed(0)
@@ -137,6 +127,9 @@ def test_opening_with_a_trailing_space_is_refused(tiny):
 # --- metrics ---------------------------------------------------------------------------------------
 
 def test_rouge_l_is_the_f1_of_the_longest_common_word_subsequence():
+    def rouge_l(prediction: str, reference: str) -> float:
+        return score_answers([prediction], [reference])["rouge_l"]
+
     assert rouge_l("Rest the steak.", "Rest the steak.") == pytest.approx(1.0)
     assert rouge_l("boil", "Rest the steak.") == 0.0
     # LCS "the cat sat" = 3 words: precision 3/3, recall 3/6, F1 = 2/3.
@@ -147,7 +140,8 @@ def test_scores_count_house_style_and_average_rouge():
     styled = "In short: yes.\nWhisk it.\nTip: go slowly."
     scores = score_answers([styled, "Just whisk it."], [styled, styled])
     assert scores["house_style"] == pytest.approx(0.5)
-    assert scores["rouge_l"] == pytest.approx((1.0 + rouge_l("Just whisk it.", styled)) / 2)
+    # "just whisk it" against 8 stemmed words: LCS "whisk it", precision 2/3, recall 2/8, F1 = 4/11.
+    assert scores["rouge_l"] == pytest.approx((1.0 + 4 / 11) / 2)
     with pytest.raises(ValueError, match="2 predictions but 1 references"):
         score_answers(["a", "b"], ["a"])
 

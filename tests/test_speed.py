@@ -145,3 +145,38 @@ def test_score_only_labelled_positions_restores_trl():
         assert trl_utils._use_triton(torch.device("cpu")) is True
         assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == 1024
     assert (trl_utils._use_triton, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE) == before
+
+
+def test_labelled_head_trainer_gives_trls_loss_and_gradients():
+    """utils.speed.labelled_head_trainer against trl's own SFTTrainer.compute_loss on one assistant-only batch."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from utils.models import load_model_and_tokenizer
+    from utils.speed import labelled_head_trainer
+
+    model, tokenizer = load_model_and_tokenizer("tiny", verbose=False)
+    messages = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue, like the sea."},
+                {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "Green."}]
+    args = SFTConfig(output_dir="/tmp/labelled-head-test", assistant_only_loss=True, per_device_train_batch_size=1,
+                     use_cpu=True, report_to="none", max_length=256)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = labelled_head_trainer(SFTTrainer)(model=model, args=args, processing_class=tokenizer, peft_config=lora,
+                                                train_dataset=Dataset.from_list([{"messages": messages}]))
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    for parameter in trainer.model.parameters():  # B = 0 would make every LoRA A gradient zero
+        if parameter.requires_grad:
+            torch.nn.init.normal_(parameter, std=0.02)
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    results = []
+    for compute in (SFTTrainer.compute_loss, type(trainer).compute_loss):
+        trainer.model.zero_grad()
+        loss = compute(trainer, trainer.model, dict(batch), num_items_in_batch=torch.tensor(n))
+        loss.backward()
+        grads = [p.grad.clone() for p in trainer.model.parameters() if p.requires_grad]
+        results.append((float(loss.detach()), grads))
+    (reference, reference_grads), (ours, our_grads) = results
+    assert ours == pytest.approx(reference, rel=1e-5)
+    for a, b in zip(reference_grads, our_grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)

@@ -10,12 +10,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import peft
 import torch
+import transformers
+from rouge_score import rouge_scorer
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from utils import data
-from utils.data import IGNORE_INDEX, tokenize_conversation
+from utils.atomic import atomic_write_text
+from utils.data import follows_house_style
 from utils.generation import Generated, Messages, render_prompt
+from utils.runtime import progress_bar
+from utils.tokenization import IGNORE_INDEX, tokenize_conversation
 
 # --- loss and perplexity on the assistant's tokens -------------------------------------------------
 
@@ -34,6 +39,23 @@ def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its eos token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _labelled_logits(lm: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """fp32 logits at the positions that predict a labelled token, those tokens, and the mask that picked them.
+
+    The LM head runs only on those positions: the full-vocabulary logits of the others would be thrown away.
+    """
+    hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              use_cache=False).last_hidden_state
+    targets = batch["labels"][:, 1:]  # position t predicts token t+1
+    keep = targets != IGNORE_INDEX
+    return lm.get_output_embeddings()(hidden[:, :-1][keep]).float(), targets[keep], keep
+
+
 def pad_right(rows: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Stack tokenized rows into a right-padded batch (labels padded with -100, attention mask with 0)."""
     width = max(len(row["input_ids"]) for row in rows)
@@ -46,26 +68,28 @@ def pad_right(rows: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, to
 @torch.inference_mode()
 def assistant_token_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                          conversations: Sequence[dict[str, Any]], max_length: int = 1024,
-                         batch_size: int = 8) -> LossResult:
+                         batch_size: int = 8, tokens: str = "assistant") -> LossResult:
     """Cross-entropy averaged over every assistant token of every conversation (prompts and padding excluded).
 
     Each token counts once, however long its conversation (a micro-average), and the LM head runs only
     on the positions that predict an assistant token: the full-vocabulary logits of the prompt tokens
-    would cost time and memory and are thrown away.
+    would cost time and memory and are thrown away. ``tokens="all"`` scores every token after the first
+    instead (prompts and template tokens too; padding still excluded); ``assistant_tokens`` then counts those.
     """
+    if tokens not in ("assistant", "all"):
+        raise ValueError(f"tokens={tokens!r}: choose 'assistant' (the replies) or 'all' (every token).")
     rows = [tokenize_conversation(c["messages"], tokenizer, max_length) for c in conversations]
+    if tokens == "all":
+        rows = [{**row, "labels": list(row["input_ids"])} for row in rows]
     rows.sort(key=lambda row: len(row["input_ids"]))  # similar lengths together: little padding
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = _pad_id(tokenizer)
     lm = _causal_lm(model)
     total, count = 0.0, 0
-    for start in range(0, len(rows), batch_size):
+    for start in progress_bar(range(0, len(rows), batch_size), desc="held-out loss", unit="batch",
+                      disable=len(rows) <= batch_size):
         batch = {k: v.to(model.device) for k, v in pad_right(rows[start:start + batch_size], pad_id).items()}
-        hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  use_cache=False).last_hidden_state
-        targets = batch["labels"][:, 1:]  # position t predicts token t+1
-        keep = targets != IGNORE_INDEX
-        logits = lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
-        total += float(torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum"))
+        logits, targets, keep = _labelled_logits(lm, batch)
+        total += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
         count += int(keep.sum())
     if count == 0:
         raise ValueError("No assistant tokens to score: are the conversations empty, or max_length too small?")
@@ -94,19 +118,15 @@ def opening_logprob(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
                              "tokens, so the opening cannot be scored on its own.")
         labels = [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids):]
         rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = _pad_id(tokenizer)
     lm = _causal_lm(model)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))  # similar lengths: little padding
     scores = [0.0] * len(rows)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         batch = {k: v.to(model.device) for k, v in pad_right([rows[i] for i in chunk], pad_id).items()}
-        hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  use_cache=False).last_hidden_state
-        targets = batch["labels"][:, 1:]  # position t predicts token t+1
-        keep = targets != IGNORE_INDEX
-        logprobs = lm.get_output_embeddings()(hidden[:, :-1][keep]).float().log_softmax(-1)
-        picked = logprobs.gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)
+        logits, targets, keep = _labelled_logits(lm, batch)
+        picked = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         per_row = torch.zeros(keep.shape[0], device=picked.device).index_add_(0, keep.nonzero()[:, 0], picked)
         for index, value in zip(chunk, per_row.tolist()):
             scores[index] = value
@@ -115,24 +135,15 @@ def opening_logprob(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 
 # --- task metrics ----------------------------------------------------------------------------------
 
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 (longest common subsequence of words, stemmed) between an answer and its reference."""
-    from rouge_score import rouge_scorer
-
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(reference, prediction)["rougeL"].fmeasure
-
-
 def score_answers(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """House-style adherence and mean ROUGE-L of answers against their references (fractions in [0, 1])."""
-    from rouge_score import rouge_scorer
-
+    """House-style adherence and mean ROUGE-L F1 (longest common word subsequence, stemmed) against the references."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references.")
     if not predictions:
         raise ValueError("No answers to score.")
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     rouge = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
-    style = [data.follows_house_style(pred) for pred in predictions]
+    style = [follows_house_style(pred) for pred in predictions]
     return {"house_style": sum(style) / len(style), "rouge_l": sum(rouge) / len(rouge)}
 
 
@@ -160,9 +171,6 @@ def prompts_and_references(conversations: Sequence[dict[str, Any]]) -> tuple[lis
 
 def environment_record() -> dict[str, str]:
     """Library versions and device, so that a number in the results can be reproduced."""
-    import peft
-    import transformers
-
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.machine()})"
     return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
             "device": device, "torch_threads": str(torch.get_num_threads()), "python": platform.python_version()}
@@ -179,10 +187,7 @@ def write_results(path: Path, results: dict[str, Any]) -> Path:
 
     record = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "environment": environment_record(), **results}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2, default=plain) + "\n", encoding="utf-8")
-    return path
+    return atomic_write_text(path, json.dumps(record, indent=2, default=plain) + "\n")  # never half a file
 
 
 def read_results(path: Path) -> dict[str, Any]:

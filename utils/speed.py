@@ -11,7 +11,10 @@ Measured by ``python -m benchmarks.train_speed`` (see ``benchmarks/README.md``):
 * :func:`score_only_labelled_positions` - trl 1.x projects hidden states through the LM head in
   tiles (``add_fused_lm_head``), but off Triton devices (CPU) it scores every position and masks
   the loss afterwards. With assistant-only loss most positions carry no label; this makes the CPU
-  path score only the labelled ones, as the GPU path already does.
+  path score only the labelled ones, as the GPU path already does. It patches a private trl name:
+  the benchmark uses it only to size the LM head's cost.
+* :func:`labelled_head_trainer` - the same saving with public APIs only: an ``SFTTrainer`` subclass whose
+  ``compute_loss`` passes the labelled positions as the model's ``logits_to_keep`` (same loss and gradients).
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import trl.trainer.utils as trl_utils
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 VARLEN_SDPA = "sdpa_varlen"  # the attn_implementation name registered by register_varlen_sdpa()
 
@@ -52,8 +59,6 @@ def varlen_sdpa_attention_forward(
     Shapes follow transformers' attention interface: ``query`` is ``(batch, heads, seq, head_dim)``
     and the result ``(batch, seq, heads, head_dim)``.
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     packed = cu_seq_lens_q is not None and query.shape[0] == 1 and query.shape[2] == key.shape[2]
     if packed and cu_seq_lens_k is not None and not torch.equal(cu_seq_lens_q, cu_seq_lens_k):
         packed = False  # queries and keys split differently (a cache): leave it to the masked path
@@ -77,9 +82,6 @@ def varlen_sdpa_attention_forward(
 
 def register_varlen_sdpa() -> str:
     """Register :func:`varlen_sdpa_attention_forward` as ``attn_implementation="sdpa_varlen"``; returns the name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
     AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention_forward)
     AttentionMaskInterface.register(VARLEN_SDPA, sdpa_mask)  # the mask of the fallback (unpacked) path
     return VARLEN_SDPA
@@ -100,8 +102,6 @@ def score_only_labelled_positions(vocab_chunk: int = 8192) -> Iterator[None]:
     ``tokens x 32768`` fp32 buffer; 8192 costs a quarter of that memory at the same speed on a CPU).
     The computation is the one trl runs on GPUs: same log-probabilities, loss and gradients.
     """
-    import trl.trainer.utils as trl_utils
-
     original_compact, original_chunk = trl_utils._use_triton, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
     trl_utils._use_triton = lambda device: True  # read by add_fused_lm_head only to choose compact scoring
     trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = vocab_chunk
@@ -109,3 +109,44 @@ def score_only_labelled_positions(vocab_chunk: int = 8192) -> Iterator[None]:
         yield
     finally:
         trl_utils._use_triton, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = original_compact, original_chunk
+
+
+def labelled_positions_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor],
+                            num_items_in_batch: int | torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+    """Causal-LM loss with the LM head run only where some row predicts a labelled token (public APIs only).
+
+    Uses the model's own ``logits_to_keep`` argument with the positions ``t`` whose next label ``t+1``
+    is not -100 in any row of the batch (for a batch of one conversation: exactly the labelled ones),
+    then the summed cross-entropy divided by ``num_items_in_batch`` (the labelled tokens of the whole
+    optimizer step, as trl's loss does) or by this batch's labelled tokens.
+    """
+    labels = inputs["labels"]
+    targets = labels[:, 1:]
+    keep = (targets != -100).any(dim=0).nonzero().squeeze(-1)
+    model_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    outputs = model(**model_inputs, logits_to_keep=keep, use_cache=False)
+    logits = outputs.logits.float()  # (batch, kept positions, vocab)
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets[:, keep].reshape(-1),
+                            ignore_index=-100, reduction="sum")
+    divisor = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum().clamp(min=1)
+    if isinstance(divisor, torch.Tensor):
+        divisor = divisor.to(total.device)
+    return total / divisor, outputs
+
+
+def labelled_head_trainer(trainer_class: type) -> type:
+    """A subclass of ``trainer_class`` (an ``SFTTrainer``) whose ``compute_loss`` is :func:`labelled_positions_loss`.
+
+    ``compute_loss`` is the Trainer's documented override point. On a CPU trl scores every position
+    with the full-vocabulary head (its compact path needs Triton); this scores only labelled ones. The
+    per-step entropy and token-accuracy metrics trl logs are not computed.
+    """
+
+    class LabelledHeadTrainer(trainer_class):  # type: ignore[misc, valid-type]
+        def compute_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
+                         num_items_in_batch: int | torch.Tensor | None = None) -> Any:
+            loss, outputs = labelled_positions_loss(model, inputs, num_items_in_batch)
+            return (loss, outputs) if return_outputs else loss
+
+    LabelledHeadTrainer.__name__ = LabelledHeadTrainer.__qualname__ = f"LabelledHead{trainer_class.__name__}"
+    return LabelledHeadTrainer
