@@ -331,6 +331,17 @@ class StepClock:
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
+def bench_conversations(args: argparse.Namespace, tokenizer: Any) -> tuple[list[Any], list[Any]]:
+    """The training and held-out conversations every row uses: ``--conversations`` JSON, or chitchat by seed."""
+    from benchmarks.chitchat import benchmark_split
+
+    n_train = args.steps * args.batch_size
+    if args.conversations:
+        stored = json.loads(args.conversations.read_text(encoding="utf-8"))
+        return stored["train"][:n_train], stored["heldout"][: args.heldout]
+    return benchmark_split(tokenizer, n_train, args.heldout, args.max_tokens, seed=args.seed)
+
+
 def run_row(row: Row, args: argparse.Namespace) -> dict[str, Any]:
     """Train one row in this process and measure it (speed, memory, both held-out losses, the work done)."""
     import torch
@@ -339,7 +350,6 @@ def run_row(row: Row, args: argparse.Namespace) -> dict[str, Any]:
     from transformers import set_seed
     from trl import SFTTrainer
 
-    from benchmarks.chitchat import benchmark_split
     from utils.models import load_model_and_tokenizer, nf4_config
     from utils.runtime import peak_memory_bytes
     from utils.speed import labelled_head_trainer, score_only_labelled_positions
@@ -352,12 +362,7 @@ def run_row(row: Row, args: argparse.Namespace) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     model, tokenizer = load_model_and_tokenizer(args.model, verbose=False,
                                                 quantization_config=nf4_config() if args.quantize == "nf4" else None)
-    n_train = args.steps * args.batch_size
-    if args.conversations:
-        stored = json.loads(args.conversations.read_text(encoding="utf-8"))
-        train, heldout = stored["train"][:n_train], stored["heldout"][: args.heldout]
-    else:
-        train, heldout = benchmark_split(tokenizer, n_train, args.heldout, args.max_tokens, seed=args.seed)
+    train, heldout = bench_conversations(args, tokenizer)
     lengths = [conversation_length(m, tokenizer) + 1 for m in train]  # + the EOS trl appends to a text row
     pack = args.pack_length or pack_length(lengths, args.steps, args.max_tokens)
     built = build_row(row, args, pack, cuda, output_dir=tempfile.mkdtemp(prefix=f"bench-{row.name}-"))
@@ -419,7 +424,6 @@ def run_worker(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from benchmarks.chitchat import benchmark_split
     from utils.tokenization import conversation_length
     from utils.models import load_model_and_tokenizer
     from utils.runtime import peak_memory_bytes
@@ -435,12 +439,7 @@ def run_worker(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.activation_checkpointing)
     cuda = torch.cuda.is_available()
-    n_train = args.steps * args.batch_size
-    if args.conversations:
-        stored = json.loads(args.conversations.read_text(encoding="utf-8"))
-        train, heldout = stored["train"][:n_train], stored["heldout"][: args.heldout]
-    else:
-        train, heldout = benchmark_split(tokenizer, n_train, args.heldout, args.max_tokens, seed=args.seed)
+    train, heldout = bench_conversations(args, tokenizer)
     # Safetensors weights are paged in lazily: read every one now, so that the memory measured before
     # training includes the whole model. (Not a held-out pass: its activations would stay in the allocator
     # and count as "before" for every row; the untrained loss is measured after training instead.)
