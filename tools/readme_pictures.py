@@ -30,10 +30,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run as `python tools/readme_pictures.py`: the browser test's settings below
+    sys.path.insert(0, str(REPO_ROOT))
+from tests.browser.browser_lab import CHROMIUM, CHROMIUM_ARGS  # noqa: E402  (the same Chromium, one home)
+
 IMAGES = REPO_ROOT / "docs" / "images"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 
 # The look of a notebook's HTML output (JupyterLab's fonts and table style, simplified).
 PAGE = """<!doctype html><html><head><meta charset="utf-8"><style>
