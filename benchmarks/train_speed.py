@@ -93,7 +93,7 @@ class Row:
     compile_layers: bool = False  # torch.compile each decoder layer (nn.Module.compile) after LoRA is attached
     threads: int | None = None  # torch threads for this row (None: --threads)
     compact_head: bool = False  # utils.speed.score_only_labelled_positions (patches a private trl name)
-    labelled_head: bool = False  # utils.speed.labelled_head_trainer: the LM head on labelled positions (public APIs)
+    full_head: bool = False  # trl's own SFTTrainer (LM head on every position) instead of the series' CPU trainer
 
 
 ROWS: dict[str, Row] = {r.name: r for r in (
@@ -114,11 +114,12 @@ ROWS: dict[str, Row] = {r.name: r for r in (
         sft={"torch_compile": True}),
     Row("defaults-compile-layers", "defaults", "defaults + torch.compile of each decoder layer (nn.Module.compile)",
         compile_layers=True),
-    Row("defaults-labelled-head", "defaults", "defaults + LM head and loss only on labelled positions "
-        "(utils.speed.labelled_head_trainer: compute_loss with the model's logits_to_keep)", labelled_head=True),
+    Row("defaults-full-head", "defaults", "defaults with trl's own SFTTrainer, which runs the LM head on every "
+        "position on a CPU (the defaults: utils.training.cpu_trainer_class, labelled positions only)", full_head=True),
     Row("defaults-1-thread", "defaults", "defaults with 1 torch thread instead of 2", threads=1),
-    Row("defaults-compact-head", "defaults", "defaults + LM head on labelled positions only (utils.speed; patches "
-        "a private trl name: sizes the LM-head cost, not usable as a default)", compact_head=True),
+    Row("defaults-compact-head", "defaults", "defaults with trl's SFTTrainer and its fused head forced to score labelled "
+        "positions only (utils.speed; patches a private trl name: a cross-check, not usable as a default)",
+        compact_head=True),
 )}
 DEFAULT_ROWS = ["cookbook", "defaults"]
 CONFIGS = ROWS  # the names --configs accepts
@@ -231,7 +232,7 @@ def build_row(row: Row, args: argparse.Namespace, pack: int, cuda: bool = False,
     threads = row.threads or args.threads
     if threads != args.threads:
         changes.append(Change("torch threads", args.threads, threads, row.what, "lever"))
-    for flag in ("compile_layers", "compact_head", "labelled_head"):
+    for flag in ("compile_layers", "compact_head", "full_head"):
         if getattr(row, flag):
             changes.append(Change(flag, False, True, row.what, "lever"))
     return dict(sft=sft, peft=peft, model=model, data=data, threads=threads, changes=changes)
@@ -352,8 +353,9 @@ def run_row(row: Row, args: argparse.Namespace) -> dict[str, Any]:
 
     from utils.models import load_model_and_tokenizer, nf4_config
     from utils.runtime import peak_memory_bytes
-    from utils.speed import labelled_head_trainer, score_only_labelled_positions
+    from utils.speed import score_only_labelled_positions
     from utils.tokenization import conversation_length
+    from utils.training import cpu_trainer_class
     from utils.training_settings import build_lora_config, build_sft_config
 
     threads = row.threads or args.threads
@@ -377,8 +379,12 @@ def run_row(row: Row, args: argparse.Namespace) -> dict[str, Any]:
     else:
         dataset = Dataset.from_list([{"messages": m} for m in train])
     clock = StepClock()
-    trainer_class = labelled_head_trainer(SFTTrainer) if row.labelled_head else SFTTrainer
-    trainer = trainer_class(model=model, args=build_sft_config(sft), train_dataset=dataset, processing_class=tokenizer,
+    sft_args = build_sft_config(sft)
+    # The Cookbook uses trl's SFTTrainer; the series' defaults use the trainer utils.training.train() picks (on a
+    # CPU the SFTTrainer subclass that runs the LM head only on labelled positions).
+    own_trainer = row.source == "defaults" and not (row.full_head or row.compact_head)
+    trainer_class = cpu_trainer_class(sft_args) if own_trainer else SFTTrainer
+    trainer = trainer_class(model=model, args=sft_args, train_dataset=dataset, processing_class=tokenizer,
                             peft_config=build_lora_config(peft), callbacks=[clock])
     if row.compile_layers:  # public nn.Module.compile: each decoder layer (LoRA inside) becomes one compiled graph
         for layer in trainer.model.get_base_model().model.layers:
