@@ -8,7 +8,8 @@ attention, activation, ...), so each operator's own time is charged to what call
 * forward ops by the module they ran in;
 * ops that ran inside the backward pass *and* inside a module label are checkpointing's recomputation;
 * the other backward ops by what they are (matmuls with a rank-sized side are LoRA's, the rest frozen;
-  SDPA's backward is attention; trl's chunked log-prob backward is the LM head);
+  SDPA's backward is attention; trl's chunked log-prob, cross-entropy and matmuls with a vocabulary-sized
+  side are the LM head, whichever trainer the row uses);
 * the optimizer (AdamW and gradient clipping), the data loader, and the remainder: Python and
   Trainer overhead between operators (wall time minus the operators' time).
 """
@@ -32,7 +33,7 @@ CATEGORIES = (
     "elementwise: LoRA scaling and adds, residual adds",
     "elementwise: other backward ops",
     "attention (SDPA forward + backward)",
-    "LM head + cross-entropy (trl chunked log-prob)",
+    "LM head + cross-entropy",
     "recompute (activation checkpointing)",
     "optimizer + gradient clipping",
     "data loading and collation",
@@ -91,7 +92,7 @@ def label_modules(model: torch.nn.Module) -> None:
         module.register_forward_hook(leave)
 
 
-def categorize(name: str, ancestors: list[str], shapes: list[list[int]], rank: int) -> str:
+def categorize(name: str, ancestors: list[str], shapes: list[list[int]], rank: int, vocab: int = 0) -> str:
     """The category of one operator's own time, from its name, its enclosing ranges and its input shapes."""
     labels = [a for a in ancestors if a.startswith("mod:")]
     in_backward = any(a.startswith("autograd::engine::evaluate_function") for a in ancestors)
@@ -100,11 +101,13 @@ def categorize(name: str, ancestors: list[str], shapes: list[list[int]], rank: i
         return "optimizer + gradient clipping"
     if "DataLoader" in joined:
         return "data loading and collation"
-    if "ChunkedLogProb" in joined or "mod:lm_head" in labels:
-        return "LM head + cross-entropy (trl chunked log-prob)"
+    is_mm = name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")
+    head_matmul = is_mm and vocab > 0 and any(vocab in shape for shape in shapes)  # the LM head's backward
+    if "ChunkedLogProb" in joined or "mod:lm_head" in labels or head_matmul or \
+            any(op in name for op in ("cross_entropy", "log_softmax", "nll_loss")):
+        return "LM head + cross-entropy"
     if labels and in_backward:
         return "recompute (activation checkpointing)"
-    is_mm = name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")
     if "scaled_dot_product" in name:
         return "attention (SDPA forward + backward)"
     if labels:
@@ -133,7 +136,7 @@ def categorize(name: str, ancestors: list[str], shapes: list[list[int]], rank: i
     return "other operators"
 
 
-def breakdown(events: Any, wall_s: float, rank: int) -> dict[str, float]:
+def breakdown(events: Any, wall_s: float, rank: int, vocab: int = 0) -> dict[str, float]:
     """Seconds per category from the profiler's events (each operator's self time counted once)."""
     seconds: dict[str, float] = collections.defaultdict(float)
     counted = 0.0
@@ -149,7 +152,7 @@ def breakdown(events: Any, wall_s: float, rank: int) -> dict[str, float]:
         if not event.name.startswith("aten::") and not event.name.startswith("Optimizer.") and \
                 "DataLoader" not in event.name and "ChunkedLogProb" not in event.name:
             continue  # autograd nodes and other wrappers: their self time is bookkeeping, in the remainder
-        seconds[categorize(event.name, ancestors[::-1], list(event.input_shapes or []), rank)] += self_s
+        seconds[categorize(event.name, ancestors[::-1], list(event.input_shapes or []), rank, vocab)] += self_s
         counted += self_s
     seconds["Python, autograd and Trainer overhead (wall - operators)"] = max(0.0, wall_s - counted)
     return dict(seconds)
@@ -169,10 +172,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from datasets import Dataset
     from transformers import TrainerCallback, set_seed
-    from trl import SFTTrainer
 
     from benchmarks.chitchat import benchmark_split
-    from benchmarks.train_speed import build_row, pack_length
+    from benchmarks.train_speed import build_row, pack_length, row_trainer_class
     from utils.models import load_model_and_tokenizer
     from utils.tokenization import conversation_length
     from utils.training_settings import build_lora_config, build_sft_config
@@ -207,12 +209,14 @@ def main(argv: list[str] | None = None) -> None:
                 self.wall_s = time.perf_counter() - self.start
 
     callback = ProfileLastStep()
-    trainer = SFTTrainer(model=model, args=build_sft_config(built["sft"]), train_dataset=dataset,
-                         processing_class=tokenizer, peft_config=build_lora_config(built["peft"]), callbacks=[callback])
+    sft_args = build_sft_config(built["sft"])
+    trainer = row_trainer_class(row, sft_args)(model=model, args=sft_args, train_dataset=dataset,
+                                               processing_class=tokenizer, peft_config=build_lora_config(built["peft"]),
+                                               callbacks=[callback])
     label_modules(trainer.model)
     trainer.train()
     events = callback.profiler.events()
-    seconds = breakdown(events, callback.wall_s, int(built["peft"]["r"]))
+    seconds = breakdown(events, callback.wall_s, int(built["peft"]["r"]), model.config.vocab_size)
     tokens = sum(conversation_length(m, tokenizer) for m in train[-args.batch_size:])
     print(f"Row {row.name} ({args.model}, {row.threads or args.threads} torch threads): profiled step "
           f"{args.steps} of {args.steps}, {callback.wall_s:.2f} s wall (profiler on), ~{tokens} conversation tokens")

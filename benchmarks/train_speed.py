@@ -115,7 +115,7 @@ ROWS: dict[str, Row] = {r.name: r for r in (
     Row("defaults-compile-layers", "defaults", "defaults + torch.compile of each decoder layer (nn.Module.compile)",
         compile_layers=True),
     Row("defaults-full-head", "defaults", "defaults with trl's own SFTTrainer, which runs the LM head on every "
-        "position on a CPU (the defaults: utils.training.cpu_trainer_class, labelled positions only)", full_head=True),
+        "position on a CPU (the defaults: utils.training.sft_trainer_class, labelled positions only)", full_head=True),
     Row("defaults-1-thread", "defaults", "defaults with 1 torch thread instead of 2", threads=1),
     Row("defaults-compact-head", "defaults", "defaults with trl's SFTTrainer and its fused head forced to score labelled "
         "positions only (utils.speed; patches a private trl name: a cross-check, not usable as a default)",
@@ -238,6 +238,18 @@ def build_row(row: Row, args: argparse.Namespace, pack: int, cuda: bool = False,
     return dict(sft=sft, peft=peft, model=model, data=data, threads=threads, changes=changes)
 
 
+def row_trainer_class(row: Row, sft_args: Any) -> type:
+    """The trainer a row trains with: trl's ``SFTTrainer`` for the Cookbook and the head levers, and for the
+    defaults the one ``utils.training.train()`` uses (on a CPU: the LM head only on labelled positions)."""
+    from trl import SFTTrainer
+
+    from utils.training import sft_trainer_class
+
+    if row.source == "defaults" and not (row.full_head or row.compact_head):
+        return sft_trainer_class(sft_args)
+    return SFTTrainer
+
+
 def conversations_hash(conversations: list[list[dict[str, str]]]) -> str:
     """sha256 of the conversation list (order included), to prove every row trained on the same data."""
     return hashlib.sha256(json.dumps(conversations, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
@@ -349,13 +361,11 @@ def run_row(row: Row, args: argparse.Namespace) -> dict[str, Any]:
 
     from datasets import Dataset
     from transformers import set_seed
-    from trl import SFTTrainer
 
     from utils.models import load_model_and_tokenizer, nf4_config
     from utils.runtime import peak_memory_bytes
     from utils.speed import score_only_labelled_positions
     from utils.tokenization import conversation_length
-    from utils.training import cpu_trainer_class
     from utils.training_settings import build_lora_config, build_sft_config
 
     threads = row.threads or args.threads
@@ -380,10 +390,7 @@ def run_row(row: Row, args: argparse.Namespace) -> dict[str, Any]:
         dataset = Dataset.from_list([{"messages": m} for m in train])
     clock = StepClock()
     sft_args = build_sft_config(sft)
-    # The Cookbook uses trl's SFTTrainer; the series' defaults use the trainer utils.training.train() picks (on a
-    # CPU the SFTTrainer subclass that runs the LM head only on labelled positions).
-    own_trainer = row.source == "defaults" and not (row.full_head or row.compact_head)
-    trainer_class = cpu_trainer_class(sft_args) if own_trainer else SFTTrainer
+    trainer_class = row_trainer_class(row, sft_args)
     trainer = trainer_class(model=model, args=sft_args, train_dataset=dataset, processing_class=tokenizer,
                             peft_config=build_lora_config(peft), callbacks=[clock])
     if row.compile_layers:  # public nn.Module.compile: each decoder layer (LoRA inside) becomes one compiled graph

@@ -63,11 +63,11 @@ def test_train_on_a_cpu_runs_the_lm_head_only_on_labelled_positions(tiny_model, 
     assert head_positions and set(head_positions) == {labelled} and labelled < batch["input_ids"].shape[1] - 1
 
 
-def test_packed_rows_keep_trls_own_loss(tmp_path):
+def test_packed_or_padding_free_rows_keep_trls_own_loss(tmp_path):
     from trl import SFTConfig, SFTTrainer
 
     common = dict(output_dir=str(tmp_path), use_cpu=True, report_to="none")
-    assert training.cpu_trainer_class(SFTConfig(packing=True, **common)) is SFTTrainer
-    assert training.cpu_trainer_class(SFTConfig(padding_free=True, **common)) is SFTTrainer
-    plain = training.cpu_trainer_class(SFTConfig(**common))
+    assert training.sft_trainer_class(SFTConfig(packing=True, **common)) is SFTTrainer
+    assert training.sft_trainer_class(SFTConfig(padding_free=True, **common)) is SFTTrainer
+    plain = training.sft_trainer_class(SFTConfig(**common))
     assert issubclass(plain, SFTTrainer) and plain.compute_loss is not SFTTrainer.compute_loss

@@ -15,7 +15,7 @@ Measured by ``python -m benchmarks.train_speed`` (see ``benchmarks/README.md``):
   the benchmark uses it only to size the LM head's cost.
 * :func:`labelled_head_trainer` - the same saving with public APIs only: an ``SFTTrainer`` subclass whose
   ``compute_loss`` passes the labelled positions as the model's ``logits_to_keep`` (same loss and gradients).
-  The series trains with it on a CPU (:func:`utils.training.cpu_trainer_class`).
+  The series trains with it on a CPU (:func:`utils.training.sft_trainer_class`).
 """
 
 from __future__ import annotations

@@ -126,7 +126,7 @@ def train(
     else:
         eval_dataset = conversations_dataset(eval_rows, "eval_rows")
     clock: dict[str, float] = {}
-    trainer_class = cpu_trainer_class(args)
+    trainer_class = sft_trainer_class(args)
     trainer = trainer_class(
         model=model, args=args, train_dataset=conversations_dataset(train_rows, "train_rows"),
         eval_dataset=eval_dataset, processing_class=tokenizer,
@@ -151,7 +151,7 @@ def train(
     return TrainingResult(adapter_dir, run_dir, history, metrics, checkpoint, trainer)
 
 
-def cpu_trainer_class(args: Any) -> type:
+def sft_trainer_class(args: Any) -> type:
     """``SFTTrainer``, or on a CPU its subclass that runs the LM head only on labelled positions.
 
     With the loss on the assistant's tokens most positions carry no label. trl's fused LM head skips them on
