@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -150,23 +151,32 @@ def ratios(rows: list[dict[str, Any]], baseline: str) -> None:
             row[ratio] = row[measured] / base[measured] if base[measured] > 0 else math.nan
 
 
+def markdown_table(header: str, rows: list[dict[str, Any]], format_row: Callable[[dict[str, Any]], str]) -> str:
+    """``header``, its separator, then ``format_row(row)`` per row; a failed run (an ``error`` key) gets its
+    configuration and the error's start, the other cells left empty."""
+    columns = header.count("|") - 1
+    lines = [header, "|" + "|".join("---" for _ in range(columns)) + "|"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['config']} | failed: {row['error'][:80]} |" + " |" * (columns - 2))
+        else:
+            lines.append(format_row(row))
+    return "\n".join(lines)
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The results as a fixed-width text table (markdown-compatible)."""
     header = ("| config | wall s | conv tok/s | x base | loss tokens | padding | peak MiB | x base "
               "| +train MiB | x base | train loss | held-out loss | MFU |")
-    lines = [header, "|" + "|".join("---" for _ in range(header.count("|") - 1)) + "|"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['config']} | failed: {r['error'][:80]} |" + " |" * 11)
-            continue
-        lines.append(
-            f"| {r['config']} | {r['wall_s']:.1f} | {r['tokens_per_s']:.0f} | {r.get('tokens_per_s_x', math.nan):.2f} "
-            f"| {r['labelled_tokens']} | {r['padding_fraction']:.0%} | {r['peak_memory_mib']:.0f} "
-            f"| {r.get('peak_memory_x', math.nan):.2f} | {r['training_memory_mib']:.0f} "
-            f"| {r.get('training_memory_x', math.nan):.2f} | {r['final_train_loss']:.3f} | {r['heldout_loss']:.4f} "
-            f"| {r['mfu']:.1%} |"
-        )
-    return "\n".join(lines)
+
+    def line(r: dict[str, Any]) -> str:
+        return (f"| {r['config']} | {r['wall_s']:.1f} | {r['tokens_per_s']:.0f} | {r.get('tokens_per_s_x', math.nan):.2f} "
+                f"| {r['labelled_tokens']} | {r['padding_fraction']:.0%} | {r['peak_memory_mib']:.0f} "
+                f"| {r.get('peak_memory_x', math.nan):.2f} | {r['training_memory_mib']:.0f} "
+                f"| {r.get('training_memory_x', math.nan):.2f} | {r['final_train_loss']:.3f} | {r['heldout_loss']:.4f} "
+                f"| {r['mfu']:.1%} |")
+
+    return markdown_table(header, rows, line)
 
 
 def config_dict(config: BenchConfig) -> dict[str, Any]:

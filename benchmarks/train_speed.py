@@ -34,6 +34,7 @@ from benchmarks.common import (
     BenchConfig,
     CountingCollator,
     config_dict,
+    markdown_table,
     matmul_peak_flops,
     model_flops,
 )
@@ -613,20 +614,16 @@ def format_median_table(summaries: list[dict[str, Any]]) -> str:
     def m(s: dict[str, float], fmt: str = ".0f") -> str:
         return f"{s['median']:{fmt}} ({s['min']:{fmt}}-{s['max']:{fmt}})"
 
+    def line(s: dict[str, Any]) -> str:
+        return (f"| {s['config']} | {s['repeats']} | {m(s['tokens_per_s'])} | {s.get('tokens_per_s_x', math.nan):.2f} "
+                f"| {m(s['loss_tokens_per_s'])} | {s.get('loss_tokens_per_s_x', math.nan):.2f} "
+                f"| {m(s['peak_memory_mib'])} | {s.get('peak_memory_mib_x', math.nan):.2f} "
+                f"| {s['training_memory_mib']['median']:.0f} | {s['heldout_assistant_loss']['median']:.4f} "
+                f"| {s['heldout_all_loss']['median']:.4f} | {s['mfu']['median']:.1%} |")
+
     header = ("| row | runs | conv tok/s | x base | loss tok/s | x base | peak MiB | x base | +train MiB "
               "| held-out loss (assistant) | held-out loss (all tokens) | MFU |")
-    lines = [header, "|" + "|".join("---" for _ in range(header.count("|") - 1)) + "|"]
-    for s in summaries:
-        if "error" in s:
-            lines.append(f"| {s['config']} | failed: {s['error'][:80]} |" + " |" * 10)
-            continue
-        lines.append(
-            f"| {s['config']} | {s['repeats']} | {m(s['tokens_per_s'])} | {s.get('tokens_per_s_x', math.nan):.2f} "
-            f"| {m(s['loss_tokens_per_s'])} | {s.get('loss_tokens_per_s_x', math.nan):.2f} "
-            f"| {m(s['peak_memory_mib'])} | {s.get('peak_memory_mib_x', math.nan):.2f} "
-            f"| {s['training_memory_mib']['median']:.0f} | {s['heldout_assistant_loss']['median']:.4f} "
-            f"| {s['heldout_all_loss']['median']:.4f} | {s['mfu']['median']:.1%} |")
-    return "\n".join(lines)
+    return markdown_table(header, summaries, line)
 
 
 def target_lines(summaries: list[dict[str, Any]]) -> list[str]:
